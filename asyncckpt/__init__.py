@@ -1,0 +1,43 @@
+"""asyncckpt: asyncio checkpoints of multi-node training state on S3-compatible storage.
+
+The public face is :class:`MultiNodeCheckpointManager`, the asyncio descendant of
+caffe2's class of the same name::
+
+    async with MultiNodeCheckpointManager("s3://bucket/run1") as mgr:
+        await mgr.init({"trainer_0": ws0, "trainer_1": ws1})
+        await mgr.save(epoch)
+"""
+
+from .codec import FORMAT_VERSION
+from .config import MiB, TransferConfig
+from .errors import (
+    CheckpointConflictError,
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointStateError,
+    StorageError,
+)
+from .manager import ACTIONS, MetadataHandler, MultiNodeCheckpointManager
+from .manifest import EpochManifest, NodeRecord, NodeStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIONS",
+    "FORMAT_VERSION",
+    "CheckpointConflictError",
+    "CheckpointCorruptedError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointStateError",
+    "EpochManifest",
+    "MetadataHandler",
+    "MiB",
+    "MultiNodeCheckpointManager",
+    "NodeRecord",
+    "NodeStats",
+    "StorageError",
+    "TransferConfig",
+    "__version__",
+]

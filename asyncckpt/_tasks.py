@@ -1,0 +1,63 @@
+"""Structured-concurrency helpers (TaskGroup based; never a bare gather)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["first_leaf", "run_all", "settle_all"]
+
+
+def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf exception of a (possibly nested) exception group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def run_all(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """Run awaitables concurrently; the first failure cancels the rest and is raised as is."""
+    tasks: list[asyncio.Task[T]] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for aw in aws:
+                tasks.append(tg.create_task(_as_coro(aw)))
+    except BaseExceptionGroup as group:
+        leaf = first_leaf(group)
+        raise leaf.with_traceback(leaf.__traceback__) from None
+    return [task.result() for task in tasks]
+
+
+async def settle_all(
+    named: dict[str, Awaitable[T]], limit: int
+) -> tuple[dict[str, T], dict[str, BaseException]]:
+    """Run named awaitables, at most ``limit`` at once, letting each finish or fail on its own.
+
+    Returns (results, failures). ``CancelledError`` of the caller propagates (and cancels
+    everything still running); other exceptions are collected per name, never raised.
+    """
+    slots = asyncio.Semaphore(limit)
+    results: dict[str, T] = {}
+    failures: dict[str, BaseException] = {}
+
+    async def one(name: str, aw: Awaitable[T]) -> None:
+        async with slots:
+            try:
+                results[name] = await aw
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures[name] = exc
+
+    async with asyncio.TaskGroup() as tg:
+        for name, aw in named.items():
+            tg.create_task(one(name, aw))
+    return results, failures
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw

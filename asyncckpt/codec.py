@@ -1,0 +1,395 @@
+"""Blobs <-> bytes: the msgpack shard format (pure functions, no I/O).
+
+A *blob* is one named value of a node's workspace. Supported values:
+
+* numpy arrays of every numeric dtype (bool, ints, floats incl. float16, complex,
+  datetime/timedelta, fixed-width bytes/unicode), any byte order, 0-d, empty,
+  C- or Fortran-ordered, contiguous or not (non-contiguous ones are copied);
+* numpy scalars; ``bytes`` (``bytearray``/``memoryview`` come back as ``bytes``);
+* ``str``, ``int`` (any size), ``float``, ``bool``, ``None``;
+* ``list``, ``tuple`` and ``dict`` with ``str`` keys, nested, holding any of the above.
+
+Anything else is a :class:`TypeError` naming the node, the blob and the type.
+
+Shard layout (format version 1)::
+
+    b"ACKPTSH1" | uint32 header length | msgpack header map
+    blob payloads, one after another (the index says where each one is)
+    msgpack index map {blob name: entry}
+    trailer: uint64 index offset | uint32 index length | uint32 index CRC32C | b"ACKPTEND"
+
+A payload is the raw bytes of an array (``encoding="ndarray"``) or of a bytes value
+(``"bytes"``), or a msgpack object (``"msgpack"``) whose extension types are numbered
+in :class:`ExtCode`. Every entry carries a CRC32C of its payload, so one blob can be
+fetched with one ranged GET and verified on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import crc32c as _crc32c
+import msgpack
+import numpy as np
+
+from .errors import CheckpointCorruptedError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BlobEntry",
+    "EncodedBlob",
+    "ExtCode",
+    "checksum",
+    "decode_blob",
+    "encode_blob",
+    "encode_blobs",
+    "shard_header",
+    "shard_trailer",
+    "parse_trailer",
+    "parse_index",
+    "parse_header",
+    "HEADER_PREFIX_SIZE",
+    "TRAILER_SIZE",
+]
+
+FORMAT_VERSION = 1
+SHARD_MAGIC = b"ACKPTSH1"
+TRAILER_MAGIC = b"ACKPTEND"
+_HEADER_PREFIX = struct.Struct("<8sI")
+_TRAILER = struct.Struct("<QII8s")
+HEADER_PREFIX_SIZE = _HEADER_PREFIX.size
+TRAILER_SIZE = _TRAILER.size
+_MAX_DEPTH = 128
+_ARRAY_KINDS = frozenset("biufcmMSU")
+ENCODINGS = ("ndarray", "bytes", "msgpack")
+
+
+class ExtCode(IntEnum):
+    """msgpack extension type codes used inside ``"msgpack"`` payloads."""
+
+    NDARRAY = 1  # msgpack [dtype str, shape list, order "C"|"F", raw bytes]
+    NUMPY_SCALAR = 2  # msgpack [dtype str, raw bytes]
+    TUPLE = 3  # msgpack list of items
+    BIGINT = 4  # decimal string of an int outside the 64-bit range
+
+
+def checksum(data: Any, value: int = 0) -> int:
+    """CRC32C of a bytes-like object, continuing from ``value``."""
+    return _crc32c.crc32c(data, value)
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """Where one blob lives in its shard and how to decode it."""
+
+    offset: int
+    length: int
+    encoding: str
+    crc32c: int
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    order: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "offset": self.offset,
+            "length": self.length,
+            "encoding": self.encoding,
+            "crc32c": self.crc32c,
+        }
+        if self.encoding == "ndarray":
+            out.update(dtype=self.dtype, shape=list(self.shape or ()), order=self.order)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> BlobEntry:
+        """Validate and build an entry; anything malformed is :class:`CheckpointCorruptedError`."""
+        try:
+            if not isinstance(raw, Mapping):
+                raise TypeError("entry is not a map")
+            offset, length, crc = raw["offset"], raw["length"], raw["crc32c"]
+            encoding = raw["encoding"]
+            for value in (offset, length, crc):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError("offset, length and crc32c must be non-negative ints")
+            if crc >= 1 << 32:
+                raise ValueError("crc32c out of range")
+            if encoding not in ENCODINGS:
+                raise ValueError(f"unknown encoding {encoding!r}")
+            dtype = shape = order = None
+            if encoding == "ndarray":
+                dtype, order = raw["dtype"], raw["order"]
+                shape_raw = raw["shape"]
+                if not isinstance(dtype, str) or order not in ("C", "F"):
+                    raise ValueError("bad dtype or order")
+                if not isinstance(shape_raw, (list, tuple)) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw
+                ):
+                    raise ValueError("bad shape")
+                shape = tuple(shape_raw)
+                _array_dtype(dtype)
+                if math.prod(shape) * np.dtype(dtype).itemsize != length:
+                    raise ValueError("array length does not match dtype and shape")
+            return cls(offset, length, encoding, crc, dtype, shape, order)
+        except CheckpointCorruptedError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class EncodedBlob:
+    """One blob ready to be written: its payload as a list of buffers."""
+
+    name: str
+    encoding: str
+    buffers: tuple[memoryview, ...]
+    length: int
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    order: str | None = None
+
+    def entry(self, offset: int, crc: int) -> BlobEntry:
+        return BlobEntry(offset, self.length, self.encoding, crc, self.dtype, self.shape, self.order)
+
+
+# --------------------------------------------------------------------------- encode
+
+
+class _Unsupported(TypeError):
+    def __init__(self, path: str, value: Any, why: str = ""):
+        super().__init__(path, f"unsupported type {type(value).__module__}.{type(value).__qualname__}{why}")
+
+
+def _array_dtype(dtype_str: str) -> np.dtype[Any]:
+    try:
+        dtype = np.dtype(dtype_str)
+    except TypeError as exc:
+        raise ValueError(f"bad dtype {dtype_str!r}") from exc
+    if dtype.kind not in _ARRAY_KINDS or dtype.itemsize == 0 or dtype.str != dtype_str:
+        raise ValueError(f"unsupported dtype {dtype_str!r}")
+    return dtype
+
+
+def _check_array(arr: np.ndarray[Any, Any], path: str) -> None:
+    if arr.dtype.kind not in _ARRAY_KINDS or arr.dtype.itemsize == 0 or arr.dtype.fields is not None:
+        raise _Unsupported(path, arr, f" with dtype {arr.dtype}")
+
+
+def _array_layout(arr: np.ndarray[Any, Any]) -> tuple[str, np.ndarray[Any, Any]]:
+    """Return (order, C-contiguous array whose bytes are stored), copying only if needed."""
+    if arr.flags.c_contiguous:
+        return "C", arr
+    if arr.flags.f_contiguous:
+        return "F", arr.T  # the transpose of an F-contiguous array is C-contiguous
+    return "C", np.ascontiguousarray(arr)
+
+
+def _raw_view(arr: np.ndarray[Any, Any]) -> memoryview:
+    return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+
+
+def _to_tree(value: Any, path: str, depth: int) -> Any:
+    """Convert ``value`` into objects msgpack packs natively (with ExtTypes)."""
+    if depth > _MAX_DEPTH:
+        raise _Unsupported(path, value, " (nested too deeply or cyclic)")
+    if value is None:
+        return None
+    if isinstance(value, np.generic):  # before the builtins: np.float64 is a float subclass
+        arr = np.asarray(value)
+        _check_array(arr, path)
+        return msgpack.ExtType(ExtCode.NUMPY_SCALAR, msgpack.packb([arr.dtype.str, arr.tobytes()]))
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        value = int(value)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+        return msgpack.ExtType(ExtCode.BIGINT, str(value).encode())
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray):
+        _check_array(value, path)
+        order, stored = _array_layout(value)
+        body = msgpack.packb([value.dtype.str, list(value.shape), order, _raw_view(stored)])
+        return msgpack.ExtType(ExtCode.NDARRAY, body)
+    if isinstance(value, tuple):
+        items = [_to_tree(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        return msgpack.ExtType(ExtCode.TUPLE, msgpack.packb(items))
+    if isinstance(value, list):
+        return [_to_tree(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Unsupported(f"{path}[{key!r}]", key, " as a dict key (keys must be str)")
+            out[str(key)] = _to_tree(item, f"{path}[{key!r}]", depth + 1)
+        return out
+    raise _Unsupported(path, value)
+
+
+def encode_blob(name: str, value: Any) -> EncodedBlob:
+    """Encode one blob; a :class:`TypeError` names the blob and the unsupported type."""
+    try:
+        if isinstance(value, np.ndarray):
+            _check_array(value, name)
+            order, stored = _array_layout(value)
+            view = _raw_view(stored)
+            return EncodedBlob(name, "ndarray", (view,), view.nbytes, value.dtype.str, tuple(value.shape), order)
+        if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(value, np.generic):
+            view = memoryview(value).cast("B") if isinstance(value, memoryview) else memoryview(value)
+            if isinstance(value, memoryview) and not value.c_contiguous:
+                view = memoryview(value.tobytes())
+            return EncodedBlob(name, "bytes", (view,), view.nbytes)
+        payload = msgpack.packb(_to_tree(value, name, 0), use_bin_type=True)
+        return EncodedBlob(name, "msgpack", (memoryview(payload),), len(payload))
+    except _Unsupported as exc:
+        path, why = exc.args
+        if len(path) > 120:
+            path = path[:117] + "..."
+        raise TypeError(f"blob {path!r}: {why}") from None
+
+
+def encode_blobs(node: str, blobs: Mapping[str, Any]) -> list[EncodedBlob]:
+    """Encode every blob of one node, in name order.
+
+    Raises :class:`TypeError` naming the node, the blob and the type for the first
+    unsupported value, and for a non-str or empty blob name.
+    """
+    encoded = []
+    for name in sorted(blobs, key=lambda n: (not isinstance(n, str), str(n))):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"node {node!r}: blob names must be non-empty str, got {name!r}")
+        try:
+            encoded.append(encode_blob(name, blobs[name]))
+        except TypeError as exc:
+            raise TypeError(f"node {node!r}, {exc}") from None
+    return encoded
+
+
+def shard_header(node: str) -> bytes:
+    body = msgpack.packb({"format": "asyncckpt-shard", "version": FORMAT_VERSION, "node": node})
+    return _HEADER_PREFIX.pack(SHARD_MAGIC, len(body)) + body
+
+
+def shard_trailer(index: Mapping[str, BlobEntry], index_offset: int) -> bytes:
+    """The msgpack index followed by the fixed-size trailer."""
+    body = msgpack.packb({name: entry.to_json() for name, entry in index.items()})
+    return body + _TRAILER.pack(index_offset, len(body), checksum(body), TRAILER_MAGIC)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def parse_header(data: bytes | memoryview, where: str) -> dict[str, Any]:
+    """Parse and check a shard's header (the first bytes of the shard)."""
+    try:
+        magic, size = _HEADER_PREFIX.unpack_from(data, 0)
+        if magic != SHARD_MAGIC:
+            raise ValueError("bad magic")
+        header = msgpack.unpackb(bytes(data[HEADER_PREFIX_SIZE : HEADER_PREFIX_SIZE + size]))
+        if not isinstance(header, dict) or header.get("format") != "asyncckpt-shard":
+            raise ValueError("not an asyncckpt shard header")
+        if header.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported shard format version {header.get('version')!r}")
+        return header
+    except (ValueError, struct.error, msgpack.UnpackException, TypeError) as exc:
+        raise CheckpointCorruptedError(f"{where}: invalid shard header ({exc})") from None
+
+
+def parse_trailer(trailer: bytes | memoryview, shard_size: int, where: str) -> tuple[int, int, int]:
+    """Return (index offset, index length, index CRC32C) from the last bytes of a shard."""
+    try:
+        offset, length, crc, magic = _TRAILER.unpack(bytes(trailer))
+    except struct.error as exc:
+        raise CheckpointCorruptedError(f"{where}: truncated shard ({exc})") from None
+    if magic != TRAILER_MAGIC or offset + length + TRAILER_SIZE != shard_size:
+        raise CheckpointCorruptedError(f"{where}: invalid shard trailer (truncated or not a shard)")
+    return offset, length, crc
+
+
+def parse_index(body: bytes | memoryview, crc: int, where: str) -> dict[str, BlobEntry]:
+    """Decode a shard's blob index and verify its checksum."""
+    if checksum(body) != crc:
+        raise CheckpointCorruptedError(f"{where}: blob index checksum mismatch")
+    try:
+        raw = msgpack.unpackb(bytes(body), strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise CheckpointCorruptedError(f"{where}: blob index does not decode ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointCorruptedError(f"{where}: blob index is not a map")
+    return {name: BlobEntry.from_json(entry, f"{where} blob {name!r}") for name, entry in raw.items()}
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == ExtCode.NDARRAY:
+        dtype_str, shape, order, raw = msgpack.unpackb(data, raw=False)
+        return _array_from(memoryview(raw), _array_dtype(dtype_str), tuple(shape), order, copy=True)
+    if code == ExtCode.NUMPY_SCALAR:
+        dtype_str, raw = msgpack.unpackb(data, raw=False)
+        dtype = _array_dtype(dtype_str)
+        if len(raw) != dtype.itemsize:
+            raise ValueError("numpy scalar size mismatch")
+        return np.frombuffer(raw, dtype=dtype, count=1)[0]
+    if code == ExtCode.TUPLE:
+        items = msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True)
+        if not isinstance(items, list):
+            raise ValueError("tuple payload is not a list")
+        return tuple(items)
+    if code == ExtCode.BIGINT:
+        return int(data.decode("ascii"))
+    raise ValueError(f"unknown msgpack extension code {code}")
+
+
+def _array_from(
+    raw: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], order: str, *, copy: bool
+) -> np.ndarray[Any, Any]:
+    count = math.prod(shape)
+    if count * dtype.itemsize != raw.nbytes:
+        raise ValueError("array byte length does not match dtype and shape")
+    if order not in ("C", "F"):
+        raise ValueError(f"bad array order {order!r}")
+    flat = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+    if copy or (raw.readonly and count):
+        flat = flat.copy()
+    if order == "F":
+        return flat.reshape(shape[::-1]).T
+    return flat.reshape(shape)
+
+
+def decode_blob(entry: BlobEntry, payload: memoryview, where: str, *, verify: bool = True) -> Any:
+    """Decode one blob from its payload bytes.
+
+    Arrays are views into ``payload`` when it is writable (zero copy), copies otherwise,
+    so the result is always writable. Raises :class:`CheckpointCorruptedError` on a
+    checksum, size or decoding mismatch.
+    """
+    if payload.nbytes != entry.length:
+        raise CheckpointCorruptedError(f"{where}: expected {entry.length} bytes, got {payload.nbytes}")
+    if verify and checksum(payload) != entry.crc32c:
+        raise CheckpointCorruptedError(f"{where}: CRC32C mismatch (stored bytes are corrupted)")
+    try:
+        if entry.encoding == "ndarray":
+            assert entry.dtype is not None and entry.shape is not None and entry.order is not None
+            return _array_from(payload, _array_dtype(entry.dtype), entry.shape, entry.order, copy=False)
+        if entry.encoding == "bytes":
+            return bytes(payload)
+        return msgpack.unpackb(payload, raw=False, ext_hook=_ext_hook, strict_map_key=True)
+    except CheckpointCorruptedError:
+        raise
+    except Exception as exc:  # any decoding failure of verified-but-malformed bytes
+        raise CheckpointCorruptedError(f"{where}: blob does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def iter_payload_views(blobs: Iterable[EncodedBlob]) -> Iterable[memoryview]:
+    for blob in blobs:
+        yield from blob.buffers

@@ -1,0 +1,663 @@
+"""``MultiNodeCheckpointManager``: caffe2's multi-node checkpoint manager, on asyncio.
+
+The manager is the only module that knows a job has several nodes. It saves every
+node's shard concurrently, commits the epoch with a create-only manifest, and loads
+all or nothing. See DESIGN.md section 2 for the contract of each method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import time
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from . import layout
+from ._tasks import run_all, settle_all
+from .codec import EncodedBlob
+from .config import TransferConfig
+from .errors import (
+    CheckpointConflictError,
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointStateError,
+    combine_node_failures,
+)
+from .manifest import EpochManifest, NodeRecord, NodeStats
+from .node import ShardReader, ShardWriter
+from .storage import Storage, parse_location, storage_for
+from .storage.base import ByteBudget, collect_request_stats, validate_key
+
+__all__ = ["ACTIONS", "MetadataHandler", "MultiNodeCheckpointManager"]
+
+log = logging.getLogger("asyncckpt")
+
+#: Action names of :meth:`MultiNodeCheckpointManager.report_checkpoint_stats` (as in caffe2).
+ACTIONS = ("checkpoint_save", "checkpoint_load", "checkpoint_partial_load")
+DB_TYPES = ("msgpack",)
+
+
+@runtime_checkable
+class MetadataHandler(Protocol):
+    """caffe2's duck-typed metadata handler, made async (plain methods work too).
+
+    The manager always keeps its JSON manifests in the bucket; a handler mirrors
+    checkpoint metadata elsewhere and may steer which epoch to resume from.
+    """
+
+    def set_params(
+        self, db_prefix: str, db_type: str, node_names: list[str], path_prefix: str | None, path_type: str | None
+    ) -> Any: ...
+
+    def write(self, epoch: int) -> Any: ...
+
+    def last_epoch(self, user_epoch: int | None = None) -> Any: ...
+
+    def cp_accessible(self, epoch: int | None = None) -> Any: ...
+
+    def report(self, action_name: str, stats: dict[str, Any]) -> Any: ...
+
+
+_HANDLER_METHODS = ("set_params", "write", "last_epoch", "cp_accessible", "report")
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A manifest this manager wrote or read, and the storage it lives in."""
+
+    manifest: EpochManifest
+    storage: Storage
+
+
+def _empty_report(action: str) -> dict[str, Any]:
+    return {"action": action, "epoch": None, "nodes": {}, "slowest_node": None, "seconds": 0.0, "bytes": 0}
+
+
+class MultiNodeCheckpointManager:
+    """Checkpoints the workspaces of several nodes to S3, a local directory or memory.
+
+    ``db_prefix`` is the location: ``"s3://bucket/prefix"``, ``"file:///abs/dir"`` or a
+    plain path, or ``"memory://name"``. ``db_type`` names the shard encoding
+    (``"msgpack"``). ``metadata_handler`` is an optional :class:`MetadataHandler`.
+    ``storage_options`` go to the backend (S3: ``endpoint_url``, ``region_name``,
+    credentials, ``addressing_style``...); ``config`` sets limits, part sizes, retries
+    and client settings (:class:`~asyncckpt.TransferConfig`); ``run_id`` names this job
+    incarnation in the keys it writes (random by default).
+
+    Use it as ``async with MultiNodeCheckpointManager(...) as mgr:`` so its storage
+    clients are opened once and closed at the end (or call :meth:`close`). Invalid
+    arguments raise :class:`ValueError`/:class:`TypeError` here, before any I/O.
+    """
+
+    def __init__(
+        self,
+        db_prefix: str,
+        db_type: str = "msgpack",
+        metadata_handler: MetadataHandler | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        config: TransferConfig | None = None,
+        run_id: str | None = None,
+    ):
+        if db_type not in DB_TYPES:
+            raise ValueError(f"unknown db_type {db_type!r}; supported: {DB_TYPES}")
+        if metadata_handler is not None:
+            missing = [m for m in _HANDLER_METHODS if not callable(getattr(metadata_handler, m, None))]
+            if missing:
+                raise TypeError(f"metadata_handler lacks method(s) {missing} of the MetadataHandler protocol")
+        if config is not None and not isinstance(config, TransferConfig):
+            raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
+        self._db_prefix = db_prefix
+        self._db_type = db_type
+        self._handler = metadata_handler
+        self._storage_options = dict(storage_options or {})
+        self._config = config or TransferConfig()
+        self._run_id = layout.validate_run_id(run_id) if run_id is not None else layout.new_run_id()
+        self._storage = storage_for(db_prefix, options=self._storage_options, config=self._config)
+        self._read_storage: Storage | None = None
+        self._path_prefix: str | None = None
+        self._path_type: str | None = None
+        self._node_names: list[str] | None = None
+        self._workspaces: dict[str, MutableMapping[str, Any]] | None = None
+        self._handler_params_sent = False
+        self._open_lock: asyncio.Lock | None = None
+        self._opened: list[Storage] = []
+        self._closed = False
+        self._budget: ByteBudget | None = None
+        self._known: dict[int, _Known] = {}
+        self._pending_writer: dict[int, str] = {}
+        self._staged: dict[int, EpochManifest] = {}
+        self._committed_here: set[int] = set()
+        self._reports: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> MultiNodeCheckpointManager:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the storage clients. The manager can not be used afterwards."""
+        self._closed = True
+        opened, self._opened = self._opened, []
+        for storage in opened:
+            await storage.close()
+
+    async def _ensure_open(self) -> None:
+        if self._closed:
+            raise CheckpointStateError("this MultiNodeCheckpointManager is closed")
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._budget is None:
+                self._budget = ByteBudget(self._config.max_bytes_in_flight)
+            for storage in (self._storage, self._read_storage):
+                if storage is not None and storage not in self._opened:
+                    await storage.open()
+                    self._opened.append(storage)
+        if self._handler is not None and not self._handler_params_sent and self._node_names is not None:
+            self._handler_params_sent = True
+            await _maybe_await(
+                self._handler.set_params(
+                    db_prefix=self._db_prefix,
+                    db_type=self._db_type,
+                    node_names=list(self._node_names),
+                    path_prefix=self._path_prefix,
+                    path_type=self._path_type,
+                )
+            )
+
+    @property
+    def db_prefix(self) -> str:
+        return self._db_prefix
+
+    @property
+    def run_id(self) -> str:
+        """The id of this job incarnation, part of every shard key it writes."""
+        return self._run_id
+
+    @property
+    def config(self) -> TransferConfig:
+        return self._config
+
+    @property
+    def nodes(self) -> list[str]:
+        """The node names given to :meth:`init` (or :meth:`set_params`), in order."""
+        return list(self._node_names or [])
+
+    def workspace(self, node: str) -> MutableMapping[str, Any]:
+        """The mapping holding ``node``'s blobs; :meth:`load` writes into this same object."""
+        if self._workspaces is None:
+            raise CheckpointStateError("init(nodes) must be called before workspace()")
+        try:
+            return self._workspaces[node]
+        except KeyError:
+            raise KeyError(f"unknown node {node!r}; nodes are {self.nodes}") from None
+
+    # ------------------------------------------------------------------ parameters
+
+    @staticmethod
+    def _normalize_nodes(nodes: Any) -> dict[str, MutableMapping[str, Any]]:
+        if isinstance(nodes, (str, bytes)):
+            raise TypeError(f"nodes must be a sequence of node names or a mapping, not a single {type(nodes).__name__}")
+        if isinstance(nodes, Mapping):
+            pairs = list(nodes.items())
+        elif isinstance(nodes, Iterable):
+            pairs = [(name, None) for name in nodes]
+        else:
+            raise TypeError(f"nodes must be a sequence of node names or a mapping, got {type(nodes).__name__}")
+        if not pairs:
+            raise ValueError("nodes must name at least one node")
+        out: dict[str, MutableMapping[str, Any]] = {}
+        for name, workspace in pairs:
+            layout.validate_node_name(name)
+            if name in out:
+                raise ValueError(f"duplicate node name {name!r}")
+            if workspace is None:
+                workspace = {}
+            elif not isinstance(workspace, MutableMapping):
+                raise TypeError(f"workspace of node {name!r} must be a MutableMapping, got {type(workspace).__name__}")
+            out[name] = workspace
+        return out
+
+    def set_params(self, nodes: Any, path_prefix: str | None = None, path_type: str | None = None) -> None:
+        """Store the node names, and ``path_prefix``/``path_type`` when they are truthy.
+
+        ``path_prefix`` re-roots reads (``init(retrieve_from_epoch)``, ``load``, resume
+        and ``cp_accessible(epoch)``) to another location; saves keep going to
+        ``db_prefix``. Invalid values raise before anything changes.
+        """
+        names = list(self._normalize_nodes(nodes))
+        if self._node_names is not None and names != self._node_names:
+            raise CheckpointStateError(f"this manager already manages nodes {self._node_names}; got {names}")
+        new_type = path_type or self._path_type
+        new_prefix = path_prefix or self._path_prefix
+        if path_type and path_type not in ("s3", "file", "memory"):
+            raise ValueError(f"unknown path_type {path_type!r}; expected 's3', 'file' or 'memory'")
+        read_storage = self._read_storage
+        if new_prefix and (new_prefix != self._path_prefix or new_type != self._path_type):
+            kind = parse_location(new_prefix, new_type)[0]
+            same_kind = kind == self._storage.kind
+            options = self._storage_options if same_kind else {}
+            read_storage = storage_for(new_prefix, new_type, options=options, config=self._config)
+            if read_storage.url == self._storage.url and same_kind:
+                read_storage = None
+        self._node_names = names
+        self._path_prefix, self._path_type = new_prefix, new_type
+        self._read_storage = read_storage
+        self._handler_params_sent = False
+
+    @property
+    def _reader(self) -> Storage:
+        return self._read_storage or self._storage
+
+    def _require_init(self, what: str) -> dict[str, MutableMapping[str, Any]]:
+        if self._workspaces is None:
+            raise CheckpointStateError(f"init(nodes) must be called before {what}")
+        return self._workspaces
+
+    # ------------------------------------------------------------------ init
+
+    async def init(
+        self,
+        nodes: Any,
+        retrieve_from_epoch: int | None = None,
+        path_prefix: str | None = None,
+        path_type: str | None = None,
+    ) -> None:
+        """Declare the nodes (names, or a mapping name -> workspace).
+
+        With ``retrieve_from_epoch``, that epoch's manifest is read (from ``path_prefix``
+        when given) and must hold every node, else :class:`CheckpointNotFoundError`.
+        A second ``init`` with the same nodes is a no-op; with other nodes an error.
+        """
+        normalized = self._normalize_nodes(nodes)
+        if retrieve_from_epoch is not None:
+            layout.validate_epoch(retrieve_from_epoch)
+        if self._workspaces is not None and list(normalized) != list(self._workspaces):
+            raise CheckpointStateError(f"this manager already manages nodes {list(self._workspaces)}; got {list(normalized)}")
+        self.set_params(list(normalized), path_prefix, path_type)
+        if self._workspaces is None:
+            self._workspaces = normalized
+        await self._ensure_open()
+        if retrieve_from_epoch is not None:
+            manifest = await self._read_manifest(retrieve_from_epoch, self._reader)
+            self._check_nodes_present(manifest, list(normalized))
+            self._known[retrieve_from_epoch] = _Known(manifest, self._reader)
+
+    @staticmethod
+    def _check_nodes_present(manifest: EpochManifest, nodes: Sequence[str]) -> None:
+        missing = [n for n in nodes if n not in manifest.nodes]
+        if missing:
+            raise CheckpointNotFoundError(
+                f"epoch {manifest.epoch} has no shard for node(s) {missing} (it holds {sorted(manifest.nodes)})"
+            )
+
+    # ------------------------------------------------------------------ manifests
+
+    async def _read_manifest(self, epoch: int, storage: Storage) -> EpochManifest:
+        key = layout.manifest_key(epoch)
+        try:
+            data = await storage.get(key)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"epoch {epoch} is not committed in {storage.url}") from None
+        where = storage.url_of(key)
+        manifest = EpochManifest.from_json(data, where)
+        if manifest.epoch != epoch:
+            raise CheckpointCorruptedError(f"{where}: manifest says epoch {manifest.epoch}")
+        prefix = layout.epoch_dir(epoch)
+        for node, record in manifest.nodes.items():
+            for key_ in (record.shard, record.receipt):
+                try:
+                    validate_key(key_)
+                except ValueError:
+                    raise CheckpointCorruptedError(f"{where}: node {node!r} names an invalid key {key_!r}") from None
+                if not key_.startswith(prefix):
+                    raise CheckpointCorruptedError(f"{where}: node {node!r} names {key_!r}, outside epoch {epoch}")
+        return manifest
+
+    async def _committed_epochs(self, storage: Storage) -> list[int]:
+        names = await storage.list_dirs(layout.EPOCHS_DIR + "/")
+        return sorted(e for e in (layout.parse_epoch_dir(n) for n in names) if e is not None)
+
+    def _writer_id_for(self, epoch: int) -> str:
+        if epoch not in self._pending_writer:
+            self._pending_writer[epoch] = f"{self._run_id}.{layout.new_attempt_token()}"
+        return self._pending_writer[epoch]
+
+    # ------------------------------------------------------------------ save
+
+    async def save(self, epoch: int) -> None:
+        """Save every blob of every node's workspace as of this call, then commit the epoch.
+
+        Raises :class:`TypeError` (nothing written) for an unsupported blob,
+        :class:`CheckpointConflictError` if the epoch is already committed, and one
+        error naming every failed node otherwise (a :class:`StorageError` when all
+        causes are storage failures). After any failure the epoch is not committed and
+        earlier epochs are untouched.
+        """
+        layout.validate_epoch(epoch)
+        workspaces = self._require_init("save()")
+        snapshot = {node: dict(ws) for node, ws in workspaces.items()}
+        encoded: dict[str, list[EncodedBlob]] = {}
+        for node, blobs in snapshot.items():
+            encoded[node] = await ShardWriter.encode(node, blobs)
+        await self._ensure_open()
+        if await self._storage.exists(layout.manifest_key(epoch)):
+            raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
+        writer_id = self._writer_id_for(epoch)
+        self._pending_writer.pop(epoch, None)  # every attempt gets fresh keys
+        started = time.perf_counter()
+        assert self._budget is not None
+        budget = self._budget
+        written: list[str] = []
+
+        async def save_node(node: str) -> NodeRecord:
+            shard = layout.shard_key(epoch, writer_id, node)
+            receipt = layout.receipt_key(epoch, writer_id, node)
+            written.extend((shard, receipt))
+            writer = ShardWriter(self._storage, node, budget)
+            return await writer.write(shard, receipt, encoded[node], epoch=epoch, writer_id=writer_id)
+
+        try:
+            records, failures = await settle_all(
+                {node: save_node(node) for node in encoded}, self._config.max_nodes_in_flight
+            )
+            if failures:
+                raise combine_node_failures(f"save of epoch {epoch}", failures)
+            manifest = EpochManifest(epoch, writer_id, {n: records[n] for n in encoded}, self._db_type)
+            self._staged[epoch] = manifest
+            await self.write_checkpoint_metadata(epoch)
+        except BaseException:
+            self._staged.pop(epoch, None)
+            if epoch not in self._committed_here:
+                await asyncio.shield(self._discard(written))
+            raise
+        self._record_report("checkpoint_save", epoch, manifest, time.perf_counter() - started)
+
+    async def _discard(self, keys: list[str]) -> None:
+        """Best-effort removal of an uncommitted attempt's objects (gc catches the rest)."""
+        if not keys:
+            return
+        try:
+            await self._storage.delete(keys)
+        except CheckpointError as exc:
+            log.warning("could not remove %d object(s) of a failed save: %s", len(keys), exc)
+
+    async def write_checkpoint_metadata(self, epoch: int) -> None:
+        """Commit ``epoch``: write its manifest create-only, then tell the metadata handler.
+
+        :meth:`save` calls this itself; calling it again for an epoch this manager
+        committed is a no-op. A manifest written by another writer first raises
+        :class:`CheckpointConflictError`; our own retried write is recognised by its
+        writer id and is success.
+        """
+        layout.validate_epoch(epoch)
+        if epoch in self._committed_here and epoch not in self._staged:
+            return
+        manifest = self._staged.get(epoch)
+        if manifest is None:
+            raise CheckpointStateError(f"no saved shards of epoch {epoch} to commit; call save({epoch})")
+        await self._ensure_open()
+        key = layout.manifest_key(epoch)
+        try:
+            await self._storage.put(key, manifest.to_json(), create_only=True)
+        except CheckpointConflictError:
+            try:
+                existing = await self._read_manifest(epoch, self._storage)
+            except CheckpointError:
+                existing = None
+            if existing is None or existing.writer_id != manifest.writer_id:
+                other = existing.writer_id if existing is not None else "an unknown writer"
+                raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {other}") from None
+            # our own PUT succeeded and its response was lost; the retry saw our manifest
+        self._staged.pop(epoch, None)
+        self._committed_here.add(epoch)
+        self._known[epoch] = _Known(manifest, self._storage)
+        if self._handler is not None:
+            try:
+                await _maybe_await(self._handler.write(epoch=epoch))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(
+                    f"epoch {epoch} is committed, but the metadata handler's write failed: {type(exc).__name__}: {exc}"
+                ) from exc
+
+    # ------------------------------------------------------------------ load
+
+    async def load(self, epoch: int, path_prefix: str | None = None, path_type: str | None = None) -> None:
+        """Restore every node's blobs of ``epoch`` into its workspace, all or nothing.
+
+        Everything is fetched and verified before any workspace changes; on any error
+        every workspace is as it was. Loaded blobs replace same-named entries; other
+        entries are left alone.
+        """
+        layout.validate_epoch(epoch)
+        workspaces = self._require_init("load()")
+        if path_prefix or path_type:
+            self.set_params(list(workspaces), path_prefix, path_type)
+        await self._ensure_open()
+        started = time.perf_counter()
+        storage = self._reader
+        manifest = await self._read_manifest(epoch, storage)
+        self._check_nodes_present(manifest, list(workspaces))
+
+        async def load_node(node: str) -> tuple[dict[str, Any], NodeStats]:
+            t0 = time.perf_counter()
+            record = manifest.nodes[node]
+            with collect_request_stats() as stats:
+                values = await ShardReader(storage, node, record, self._config).read_all()
+            return values, NodeStats(time.perf_counter() - t0, record.size, 1, stats.requests, stats.retries)
+
+        results, failures = await settle_all(
+            {node: load_node(node) for node in workspaces}, self._config.max_nodes_in_flight
+        )
+        if failures:
+            raise combine_node_failures(f"load of epoch {epoch}", failures)
+        for node, (values, _) in results.items():
+            workspaces[node].update(values)
+        self._known[epoch] = _Known(manifest, storage)
+        node_stats = {node: stats for node, (_, stats) in results.items()}
+        self._record_report("checkpoint_load", epoch, manifest, time.perf_counter() - started, node_stats, storage)
+
+    async def load_blobs_locally(
+        self, nodes: Any, blob_names: Sequence[str], epoch: int, session: MutableMapping[str, Any]
+    ) -> bool:
+        """Load the named blobs of ``epoch`` from the listed nodes' shards into ``session``.
+
+        A name is a blob name of one of ``nodes`` (``"total"``), or ``"node/blob"`` to pick
+        the node. Names found in no listed shard are skipped; a plain name held by
+        several listed nodes is a :class:`ValueError`. Only the requested blobs' bytes
+        are fetched. Returns ``False``, leaving ``session`` untouched, when the epoch or
+        a listed node's shard does not exist.
+        """
+        node_names = list(self._normalize_nodes(nodes))
+        if isinstance(blob_names, (str, bytes)) or not isinstance(blob_names, Iterable):
+            raise TypeError("blob_names must be a sequence of blob names")
+        names = list(blob_names)
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"blob names must be non-empty str, got {name!r}")
+        layout.validate_epoch(epoch)
+        if not isinstance(session, MutableMapping):
+            raise TypeError(f"session must be a MutableMapping, got {type(session).__name__}")
+        await self._ensure_open()
+        started = time.perf_counter()
+        self._reports["checkpoint_partial_load"] = {**_empty_report("checkpoint_partial_load"), "epoch": epoch}
+        try:
+            manifest = await self._read_manifest(epoch, self._storage)
+        except CheckpointNotFoundError:
+            return False
+        if any(node not in manifest.nodes for node in node_names):
+            return False
+        plan: dict[str, dict[str, str]] = {}  # node -> {blob name: session key}
+        for name in names:
+            hits = [(node, name) for node in node_names if name in manifest.nodes[node].blobs]
+            if not hits and "/" in name:
+                node, _, blob = name.partition("/")
+                if node in node_names and blob in manifest.nodes[node].blobs:
+                    hits = [(node, blob)]
+            if len(hits) > 1:
+                raise ValueError(
+                    f"blob {name!r} exists on nodes {[n for n, _ in hits]}; name it as 'node/{name}' to pick one"
+                )
+            for node, blob in hits:
+                plan.setdefault(node, {})[blob] = name
+
+        async def load_node(node: str) -> tuple[dict[str, Any], NodeStats]:
+            t0 = time.perf_counter()
+            record = manifest.nodes[node]
+            with collect_request_stats() as stats:
+                values = await ShardReader(self._storage, node, record, self._config).read_some(plan[node])
+            nbytes = sum(record.blobs[b].length for b in plan[node])
+            return values, NodeStats(time.perf_counter() - t0, nbytes, 1, stats.requests, stats.retries)
+
+        results, failures = await settle_all({node: load_node(node) for node in plan}, self._config.max_nodes_in_flight)
+        if failures:
+            raise combine_node_failures(f"partial load of epoch {epoch}", failures)
+        for node, (values, _) in results.items():
+            for blob, value in values.items():
+                session[plan[node][blob]] = value
+        node_stats = {node: stats for node, (_, stats) in results.items()}
+        self._record_report(
+            "checkpoint_partial_load", epoch, manifest, time.perf_counter() - started, node_stats, self._storage
+        )
+        return True
+
+    # ------------------------------------------------------------------ queries
+
+    def get_ckpt_db_name(self, node_name: str, epoch: int) -> str | None:
+        """The full URL of ``node_name``'s shard of ``epoch`` as this manager reads or writes it.
+
+        The committed shard once this manager saved, loaded or retrieved the epoch;
+        otherwise the key the next ``save(epoch)`` will write. ``None`` for an unknown node.
+        """
+        layout.validate_epoch(epoch)
+        if self._node_names is None or node_name not in self._node_names:
+            known = self._known.get(epoch)
+            if known is not None and node_name in known.manifest.nodes:
+                return known.storage.url_of(known.manifest.nodes[node_name].shard)
+            return None
+        known = self._known.get(epoch)
+        if known is not None and node_name in known.manifest.nodes:
+            return known.storage.url_of(known.manifest.nodes[node_name].shard)
+        return self._storage.url_of(layout.shard_key(epoch, self._writer_id_for(epoch), node_name))
+
+    async def get_resume_from_epoch_id(self, user_epoch: int | None = None) -> int | None:
+        """The epoch to resume from.
+
+        With ``user_epoch``: that epoch if it is committed, else
+        :class:`CheckpointNotFoundError`. Without: the latest committed epoch (an epoch
+        whose manifest is damaged is skipped with a warning), or ``None`` if there is
+        none. A metadata handler's ``last_epoch`` answer, if any, is checked the same way.
+        """
+        if user_epoch is not None:
+            layout.validate_epoch(user_epoch)
+        await self._ensure_open()
+        storage = self._reader
+        if self._handler is not None:
+            answer = await _maybe_await(self._handler.last_epoch(user_epoch=user_epoch))
+            if answer is None:
+                return None
+            user_epoch = layout.validate_epoch(answer)
+        if user_epoch is not None:
+            await self._read_manifest(user_epoch, storage)
+            return user_epoch
+        for epoch in reversed(await self._committed_epochs(storage)):
+            try:
+                await self._read_manifest(epoch, storage)
+            except CheckpointNotFoundError:
+                continue  # shards without a manifest: an interrupted save
+            except CheckpointCorruptedError as exc:
+                log.warning("skipping epoch %d: %s", epoch, exc)
+                continue
+            return epoch
+        return None
+
+    async def cp_accessible(self, epoch: int | None = None) -> bool:
+        """Whether checkpoints can be reached: a cheap HEAD/list probe that never raises
+        for missing, denied or unreachable locations.
+
+        ``epoch=None``: the save location is reachable (bucket exists, credentials work).
+        An epoch: it is committed (in the read location) and every shard it names is
+        present with the recorded size.
+        """
+        if epoch is not None:
+            layout.validate_epoch(epoch)
+        try:
+            await self._ensure_open()
+            if epoch is None:
+                await self._storage.check_root()
+            else:
+                storage = self._reader
+                manifest = await self._read_manifest(epoch, storage)
+                infos = await run_all(storage.head(r.shard) for r in manifest.nodes.values())
+                if any(info is None or info.size != r.size for info, r in zip(infos, manifest.nodes.values())):
+                    return False
+            if self._handler is not None:
+                return bool(await _maybe_await(self._handler.cp_accessible(epoch)))
+            return True
+        except CheckpointStateError:
+            raise
+        except CheckpointError as exc:
+            log.info("checkpoint location not accessible: %s", exc)
+            return False
+
+    # ------------------------------------------------------------------ stats
+
+    def _record_report(
+        self,
+        action: str,
+        epoch: int,
+        manifest: EpochManifest,
+        seconds: float,
+        node_stats: Mapping[str, NodeStats] | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        storage = storage or self._storage
+        if node_stats is None:
+            node_stats = {node: record.stats for node, record in manifest.nodes.items()}
+        nodes = {
+            node: {**stats.to_json(), "db_name": storage.url_of(manifest.nodes[node].shard)}
+            for node, stats in node_stats.items()
+        }
+        slowest = max(nodes, key=lambda n: nodes[n]["seconds"]) if nodes else None
+        self._reports[action] = {
+            "action": action,
+            "epoch": epoch,
+            "nodes": nodes,
+            "slowest_node": slowest,
+            "seconds": round(seconds, 6),
+            "bytes": sum(n["bytes"] for n in nodes.values()),
+        }
+
+    async def report_checkpoint_stats(self, action_name: str) -> dict[str, Any]:
+        """Stats of the last ``action_name`` (``checkpoint_save``, ``checkpoint_load`` or
+        ``checkpoint_partial_load``): per node seconds, bytes, objects, requests,
+        retries and shard URL, plus the slowest node. Also handed to the metadata
+        handler's ``report``.
+        """
+        if action_name not in ACTIONS:
+            raise ValueError(f"unknown action {action_name!r}; expected one of {ACTIONS}")
+        report = copy.deepcopy(self._reports.get(action_name) or _empty_report(action_name))
+        log.debug("checkpoint stats: %s", report)
+        if self._handler is not None:
+            await self._ensure_open()
+            await _maybe_await(self._handler.report(action_name, copy.deepcopy(report)))
+        return report
+
+    def __repr__(self) -> str:
+        return f"MultiNodeCheckpointManager({self._db_prefix!r}, nodes={self._node_names}, run_id={self._run_id!r})"

@@ -1,0 +1,189 @@
+"""Epoch manifests and node receipts: versioned, human-readable JSON.
+
+An epoch exists if and only if its manifest exists and parses. The manifest names,
+for every node, the exact shard object, its size and CRC32C, the blob index (offset,
+length, encoding, dtype/shape, CRC32C of every blob) and the node's save stats.
+A receipt is one node's part of that, written next to its shard before the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .codec import BlobEntry
+from .errors import CheckpointCorruptedError
+from .layout import validate_epoch, validate_node_name
+
+__all__ = ["EpochManifest", "NodeRecord", "NodeStats", "MANIFEST_VERSION"]
+
+MANIFEST_FORMAT = "asyncckpt/manifest"
+RECEIPT_FORMAT = "asyncckpt/receipt"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """What saving (or loading) one node cost."""
+
+    seconds: float = 0.0
+    bytes: int = 0
+    objects: int = 0
+    requests: int = 0
+    retries: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 6),
+            "bytes": self.bytes,
+            "objects": self.objects,
+            "requests": self.requests,
+            "retries": self.retries,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> NodeStats:
+        if not isinstance(raw, Mapping):
+            return cls()
+        try:
+            return cls(
+                float(raw.get("seconds", 0.0)),
+                int(raw.get("bytes", 0)),
+                int(raw.get("objects", 0)),
+                int(raw.get("requests", 0)),
+                int(raw.get("retries", 0)),
+            )
+        except (TypeError, ValueError):
+            return cls()
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """One node's shard in a committed (or about to be committed) epoch."""
+
+    node: str
+    shard: str
+    receipt: str
+    size: int
+    crc32c: int
+    blobs: Mapping[str, BlobEntry]
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "receipt": self.receipt,
+            "size": self.size,
+            "crc32c": self.crc32c,
+            "blobs": {name: entry.to_json() for name, entry in self.blobs.items()},
+            "stats": self.stats.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, node: str, raw: Any, where: str) -> NodeRecord:
+        try:
+            validate_node_name(node)
+            if not isinstance(raw, Mapping):
+                raise ValueError("node record is not an object")
+            shard, receipt, size, crc = raw["shard"], raw["receipt"], raw["size"], raw["crc32c"]
+            if not isinstance(shard, str) or not isinstance(receipt, str):
+                raise ValueError("shard and receipt must be keys")
+            for value in (size, crc):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError("size and crc32c must be non-negative ints")
+            blobs_raw = raw["blobs"]
+            if not isinstance(blobs_raw, Mapping):
+                raise ValueError("blobs must be an object")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointCorruptedError(f"{where}: invalid record of node {node!r}: {exc}") from None
+        blobs = {
+            str(name): BlobEntry.from_json(entry, f"{where} node {node!r} blob {name!r}") for name, entry in blobs_raw.items()
+        }
+        for name, entry in blobs.items():
+            if entry.offset + entry.length > size:
+                raise CheckpointCorruptedError(f"{where}: node {node!r} blob {name!r} lies outside its shard")
+        return cls(node, shard, receipt, size, crc, blobs, NodeStats.from_json(raw.get("stats")))
+
+    def receipt_json(self, epoch: int, writer_id: str) -> bytes:
+        body = {"format": RECEIPT_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch, "writer_id": writer_id, "node": self.node}
+        body.update(self.to_json())
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_receipt(cls, data: bytes, where: str) -> tuple[int, str, NodeRecord]:
+        """Parse a receipt; returns (epoch, writer id, record)."""
+        raw = _load_json(data, where)
+        if raw.get("format") != RECEIPT_FORMAT or raw.get("version") != MANIFEST_VERSION:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt receipt of version {MANIFEST_VERSION}")
+        node = raw.get("node")
+        if not isinstance(node, str):
+            raise CheckpointCorruptedError(f"{where}: receipt names no node")
+        return _epoch_of(raw, where), str(raw.get("writer_id")), cls.from_json(node, raw, where)
+
+
+@dataclass(frozen=True)
+class EpochManifest:
+    """The commit record of one epoch."""
+
+    epoch: int
+    writer_id: str
+    nodes: Mapping[str, NodeRecord]
+    db_type: str = "msgpack"
+    created_unix: float = field(default_factory=time.time)
+
+    @property
+    def run_id(self) -> str:
+        return self.writer_id.partition(".")[0]
+
+    def to_json(self) -> bytes:
+        created = datetime.fromtimestamp(self.created_unix, tz=timezone.utc).isoformat(timespec="milliseconds")
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "epoch": self.epoch,
+            "writer_id": self.writer_id,
+            "db_type": self.db_type,
+            "created": created,
+            "created_unix": self.created_unix,
+            "nodes": {name: record.to_json() for name, record in sorted(self.nodes.items())},
+        }
+        return json.dumps(body, indent=1, sort_keys=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> EpochManifest:
+        """Parse and validate a manifest; anything malformed is :class:`CheckpointCorruptedError`."""
+        raw = _load_json(data, where)
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt manifest")
+        if raw.get("version") != MANIFEST_VERSION:
+            raise CheckpointCorruptedError(f"{where}: unsupported manifest version {raw.get('version')!r}")
+        epoch = _epoch_of(raw, where)
+        writer_id, db_type, created = raw.get("writer_id"), raw.get("db_type"), raw.get("created_unix")
+        nodes_raw = raw.get("nodes")
+        if not isinstance(writer_id, str) or not isinstance(db_type, str) or not isinstance(nodes_raw, Mapping) or not nodes_raw:
+            raise CheckpointCorruptedError(f"{where}: manifest lacks writer_id, db_type or nodes")
+        if not isinstance(created, (int, float)) or isinstance(created, bool):
+            raise CheckpointCorruptedError(f"{where}: manifest lacks created_unix")
+        nodes = {str(node): NodeRecord.from_json(str(node), record, where) for node, record in nodes_raw.items()}
+        return cls(epoch, writer_id, nodes, db_type, float(created))
+
+
+def _load_json(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointCorruptedError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointCorruptedError(f"{where}: not a JSON object")
+    return raw
+
+
+def _epoch_of(raw: Mapping[str, Any], where: str) -> int:
+    try:
+        return validate_epoch(raw.get("epoch"))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointCorruptedError(f"{where}: bad epoch ({exc})") from None

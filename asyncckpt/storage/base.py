@@ -1,0 +1,265 @@
+"""The storage protocol: bytes under keys, nothing about blobs, nodes or epochs.
+
+A :class:`Storage` is rooted at a location (``s3://bucket/prefix``, a directory, a
+named in-memory store); keys are relative, ``/``-separated paths below that root.
+
+Contract shared by every backend (checked by :mod:`asyncckpt.storage.testing`):
+
+* ``get``/``get_range``/``read_into`` of a missing key raise :class:`CheckpointNotFoundError`;
+  ``head`` of a missing key returns ``None``; ``delete`` of a missing key is a no-op.
+* ``put(..., create_only=True)`` never replaces an existing object: it raises
+  :class:`CheckpointConflictError` instead, atomically (two racing creators: one wins).
+* A write is all or nothing: readers see the old state or the whole new object, never
+  a prefix of it. A :class:`ObjectWriter` that is aborted (or never committed) leaves
+  nothing visible.
+* Every other backend failure is a :class:`StorageError` naming the location;
+  ``asyncio.CancelledError`` always propagates.
+* The store keeps its own copy of written bytes: mutating a buffer after ``put``
+  returns changes nothing stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from ..errors import CheckpointCorruptedError
+
+__all__ = [
+    "ByteBudget",
+    "ObjectInfo",
+    "ObjectWriter",
+    "PendingUpload",
+    "RequestStats",
+    "Storage",
+    "collect_request_stats",
+    "record_request",
+    "validate_key",
+]
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or a HEAD says about an object."""
+
+    key: str
+    size: int
+    last_modified: float | None = None  # unix seconds
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload that was started and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: float | None = None  # unix seconds
+
+
+@dataclass
+class RequestStats:
+    """Counters of storage requests made inside :func:`collect_request_stats`."""
+
+    requests: int = 0
+    retries: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    objects_written: int = 0
+    children: list[RequestStats] = field(default_factory=list, repr=False)
+
+
+_current_stats: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(
+    "asyncckpt_request_stats", default=None
+)
+
+
+def record_request(*, retries: int = 0, sent: int = 0, received: int = 0, objects_written: int = 0) -> None:
+    """Count one request against the stats collector of the current context, if any."""
+    stats = _current_stats.get()
+    if stats is not None:
+        stats.requests += 1
+        stats.retries += retries
+        stats.bytes_sent += sent
+        stats.bytes_received += received
+        stats.objects_written += objects_written
+
+
+class collect_request_stats:
+    """Context manager: requests made inside it (and in tasks it spawns) are counted."""
+
+    def __init__(self) -> None:
+        self.stats = RequestStats()
+        self._token: contextvars.Token[RequestStats | None] | None = None
+
+    def __enter__(self) -> RequestStats:
+        self._token = _current_stats.set(self.stats)
+        return self.stats
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _current_stats.reset(self._token)
+
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9._\-/]+$")
+
+
+def validate_key(key: str) -> str:
+    """Reject keys that could escape the root or that backends disagree about."""
+    if (
+        not isinstance(key, str)
+        or not key
+        or key.startswith("/")
+        or key.endswith("/")
+        or not _KEY_RE.match(key)
+        or any(not part or part.startswith(".") for part in key.split("/"))
+    ):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class ByteBudget:
+    """An async limit on bytes held at once (for example, upload buffers in flight).
+
+    ``acquire(n)`` waits until ``n`` more bytes fit under the limit; a request larger
+    than the whole limit is granted alone, so it can never deadlock.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+        self.peak = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + n <= self.limit)
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.in_use -= n
+            self._cond.notify_all()
+
+
+class ObjectWriter(ABC):
+    """Streams one object; nothing is visible until :meth:`commit` returns."""
+
+    key: str
+
+    @abstractmethod
+    async def write(self, data: Buffer) -> None:
+        """Append bytes. The writer copies what it keeps; ``data`` may be reused after."""
+
+    @abstractmethod
+    async def commit(self) -> ObjectInfo:
+        """Make the object visible (replacing any old one) and return its info."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Drop everything written; safe to call more than once and after a failure."""
+
+    async def __aenter__(self) -> ObjectWriter:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            await asyncio.shield(self.abort())
+
+
+class Storage(ABC):
+    """An async key -> bytes store rooted at one location. Use it as ``async with``."""
+
+    #: The root location as a URL (``s3://bucket/prefix``, ``file:///dir``, ``memory://name``).
+    url: str
+    #: The storage kind: ``"s3"``, ``"file"`` or ``"memory"``.
+    kind: str
+
+    async def open(self) -> None:
+        """Acquire clients or handles. Called once before any other method."""
+
+    async def close(self) -> None:
+        """Release what :meth:`open` acquired. Safe to call twice."""
+
+    async def __aenter__(self) -> Storage:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def url_of(self, key: str) -> str:
+        """The full URL of ``key``."""
+        return f"{self.url.rstrip('/')}/{key}"
+
+    # -- reads --------------------------------------------------------------------------
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """The whole object."""
+
+    @abstractmethod
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object; ``end`` must not pass the object's size."""
+
+    async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
+        """Fill ``buffer`` with the object's bytes from ``start`` on.
+
+        Override it to avoid the intermediate ``bytes`` of :meth:`get_range`.
+        """
+        data = await self.get_range(key, start, start + buffer.nbytes)
+        if len(data) != buffer.nbytes:
+            raise CheckpointCorruptedError(f"{self.url_of(key)}: short read ({len(data)} of {buffer.nbytes} bytes)")
+        buffer[:] = data
+
+    @abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """The object's info, or ``None`` if it does not exist."""
+
+    async def exists(self, key: str) -> bool:
+        return await self.head(key) is not None
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    async def list_dirs(self, prefix: str = "") -> list[str]:
+        """The names of the "directories" directly below ``prefix`` (which ends in ``/`` or is empty)."""
+
+    # -- writes -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def put(self, key: str, data: Buffer, *, create_only: bool = False) -> None:
+        """Store ``data`` under ``key``; with ``create_only`` never replace an existing object."""
+
+    @abstractmethod
+    def writer(self, key: str, *, budget: ByteBudget | None = None) -> ObjectWriter:
+        """A streaming writer for a (possibly large) object; ``budget`` bounds its buffers."""
+
+    @abstractmethod
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Delete objects; missing ones are ignored."""
+
+    # -- whole-location probes and housekeeping ----------------------------------------
+
+    @abstractmethod
+    async def check_root(self) -> None:
+        """Raise :class:`StorageError` unless the root location is reachable and usable."""
+
+    async def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Unfinished multipart uploads under ``prefix`` (none for backends without them)."""
+        return []
+
+    async def abort_pending_upload(self, upload: PendingUpload) -> None:
+        """Abort one unfinished multipart upload."""
+

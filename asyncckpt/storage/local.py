@@ -1,0 +1,241 @@
+"""Local-directory storage (aiofiles): atomic temp-then-replace writes, exclusive create."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+from ..errors import CheckpointConflictError, CheckpointError, CheckpointNotFoundError, StorageError
+from .base import Buffer, ByteBudget, ObjectInfo, ObjectWriter, Storage, record_request, validate_key
+
+__all__ = ["LocalStorage"]
+
+_TMP_SUFFIX = ".asyncckpt-tmp"
+
+
+def _translate(exc: OSError, url: str, key: str | None) -> CheckpointError:
+    code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointNotFoundError(f"{url} does not exist")
+    if isinstance(exc, FileExistsError):
+        return CheckpointConflictError(f"{url} already exists")
+    return StorageError(f"{url}: {exc.strerror or exc} ({code})", key=key, code=code)
+
+
+class LocalStorage(Storage):
+    """Objects as files below a root directory.
+
+    Writes go to a temporary file in the target's directory that is fsync'ed and then
+    renamed over the target (``os.replace``), so a reader or a crash never sees a
+    partial file. ``create_only`` writes publish with ``os.link``, which fails if the
+    target exists: of two racing creators exactly one wins.
+    """
+
+    kind = "file"
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True):
+        self.root = Path(root).expanduser().absolute()
+        self.url = self.root.as_uri()
+        self.fsync = fsync
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            async with aiofiles.open(path, "rb") as f:
+                data = await f.read()
+        except OSError as exc:
+            record_request()
+            raise _translate(exc, self.url_of(key), key) from None
+        record_request(received=len(data))
+        return data
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        buffer = memoryview(bytearray(end - start))
+        await self.read_into(key, buffer, start)
+        return bytes(buffer)
+
+    async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
+        path = self._path(key)
+        try:
+            async with aiofiles.open(path, "rb") as f:
+                await f.seek(start)
+                got = 0
+                while got < buffer.nbytes:
+                    n = await f.readinto(buffer[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError as exc:
+            record_request()
+            raise _translate(exc, self.url_of(key), key) from None
+        record_request(received=got)
+        if got != buffer.nbytes:
+            raise StorageError(
+                f"{self.url_of(key)}: range {start}-{start + buffer.nbytes} passes the end of the object",
+                key=key,
+                code="InvalidRange",
+            )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        record_request()
+        try:
+            st = await aiofiles.os.stat(path)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        except OSError as exc:
+            raise _translate(exc, self.url_of(key), key) from None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def _walk(self, prefix: str) -> list[ObjectInfo]:
+        base_dir = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        out = []
+        if not base_dir.is_dir():
+            return out
+        for dirpath, dirnames, filenames in os.walk(base_dir):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(".") or name.endswith(_TMP_SUFFIX):
+                    continue
+                full = Path(dirpath, name)
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    st = full.stat()
+                    out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        out.sort(key=lambda info: info.key)
+        return out
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+        record_request()
+        try:
+            items = await asyncio.to_thread(self._walk, prefix)
+        except OSError as exc:
+            raise _translate(exc, self.url_of(prefix), prefix) from None
+        for info in items:
+            yield info
+
+    async def list_dirs(self, prefix: str = "") -> list[str]:
+        directory = self.root / prefix if prefix else self.root
+        record_request()
+
+        def scan() -> list[str]:
+            try:
+                return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        try:
+            return await asyncio.to_thread(scan)
+        except OSError as exc:
+            raise _translate(exc, self.url_of(prefix), prefix) from None
+
+    async def put(self, key: str, data: Buffer, *, create_only: bool = False) -> None:
+        writer = _LocalWriter(self, key, create_only=create_only)
+        async with writer:
+            await writer.write(data)
+            await writer.commit()
+
+    def writer(self, key: str, *, budget: ByteBudget | None = None) -> ObjectWriter:
+        return _LocalWriter(self, key)
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        paths = [self._path(k) for k in keys]
+        for path in paths:
+            record_request()
+            try:
+                await aiofiles.os.remove(path)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as exc:
+                raise _translate(exc, self.url_of(str(path.relative_to(self.root))), None) from None
+
+    async def check_root(self) -> None:
+        record_request()
+
+        def probe() -> None:
+            path = self.root
+            while not path.exists():  # the root is created on the first write
+                path = path.parent
+            if not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied", str(path))
+
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as exc:
+            raise StorageError(f"{self.url}: not usable ({exc})", code=errno.errorcode.get(exc.errno or 0)) from None
+
+
+class _LocalWriter(ObjectWriter):
+    def __init__(self, storage: LocalStorage, key: str, *, create_only: bool = False):
+        self.key = key
+        self._storage = storage
+        self._path = storage._path(key)
+        self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None  # type: ignore[name-defined]
+        self._size = 0
+        self._create_only = create_only
+        self._closed = False
+
+    async def write(self, data: Buffer) -> None:
+        if self._closed:
+            raise StorageError(f"{self._storage.url_of(self.key)}: write after commit/abort", key=self.key)
+        try:
+            if self._file is None:
+                await aiofiles.os.makedirs(self._path.parent, exist_ok=True)
+                self._file = await aiofiles.open(self._tmp, "wb")
+            await self._file.write(data)
+        except OSError as exc:
+            raise _translate(exc, self._storage.url_of(self.key), self.key) from None
+        self._size += memoryview(data).nbytes
+        record_request(sent=memoryview(data).nbytes)
+
+    async def commit(self) -> ObjectInfo:
+        if self._file is None:
+            await self.write(b"")
+        assert self._file is not None
+        try:
+            await self._file.flush()
+            if self._storage.fsync:
+                await asyncio.to_thread(os.fsync, self._file.fileno())
+            await self._file.close()
+            if self._create_only:
+                await asyncio.to_thread(os.link, self._tmp, self._path)
+                await aiofiles.os.remove(self._tmp)
+            else:
+                await aiofiles.os.replace(self._tmp, self._path)
+        except FileExistsError:
+            await self.abort()
+            raise CheckpointConflictError(f"{self._storage.url_of(self.key)} already exists") from None
+        except OSError as exc:
+            await self.abort()
+            raise _translate(exc, self._storage.url_of(self.key), self.key) from None
+        self._closed = True
+        record_request(objects_written=1)
+        return ObjectInfo(self.key, self._size, time.time())
+
+    async def abort(self) -> None:
+        self._closed = True
+        if self._file is not None:
+            try:
+                await self._file.close()
+            except OSError:
+                pass
+        try:
+            await aiofiles.os.remove(self._tmp)
+        except OSError:
+            pass
