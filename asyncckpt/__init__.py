@@ -18,7 +18,7 @@ from .errors import (
     CheckpointStateError,
     StorageError,
 )
-from .manager import ACTIONS, MetadataHandler, MultiNodeCheckpointManager
+from .manager import ACTIONS, GcReport, MetadataHandler, MultiNodeCheckpointManager
 from .manifest import EpochManifest, NodeRecord, NodeStats
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStateError",
     "EpochManifest",
+    "GcReport",
     "MetadataHandler",
     "MiB",
     "MultiNodeCheckpointManager",

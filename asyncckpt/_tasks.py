@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["first_leaf", "run_all", "settle_all"]
+__all__ = ["first_leaf", "run_all", "settle_all", "shielded"]
 
 
 def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -61,3 +61,17 @@ async def settle_all(
 
 async def _as_coro(aw: Awaitable[T]) -> T:
     return await aw
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+async def shielded(aw: Awaitable[T]) -> T:
+    """Await ``aw`` so that cancelling the caller does not cancel it (cleanup work).
+
+    The task is kept referenced until it finishes, even if the caller is cancelled.
+    """
+    task = asyncio.ensure_future(aw)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return await asyncio.shield(task)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from . import layout
-from ._tasks import run_all, settle_all
+from ._tasks import run_all, settle_all, shielded
 from .codec import EncodedBlob
 from .config import TransferConfig
 from .errors import (
@@ -31,9 +31,9 @@ from .errors import (
 from .manifest import EpochManifest, NodeRecord, NodeStats
 from .node import ShardReader, ShardWriter
 from .storage import Storage, parse_location, storage_for
-from .storage.base import ByteBudget, collect_request_stats, validate_key
+from .storage.base import ByteBudget, ObjectInfo, collect_request_stats, validate_key
 
-__all__ = ["ACTIONS", "MetadataHandler", "MultiNodeCheckpointManager"]
+__all__ = ["ACTIONS", "GcReport", "MetadataHandler", "MultiNodeCheckpointManager"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -76,6 +76,17 @@ class _Known:
 
     manifest: EpochManifest
     storage: Storage
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`MultiNodeCheckpointManager.gc` deleted (or, in a dry run, would delete)."""
+
+    deleted: list[str]
+    aborted_uploads: list[str]
+    kept_recent: int
+    skipped_epochs: list[int]
+    dry_run: bool
 
 
 def _empty_report(action: str) -> dict[str, Any]:
@@ -383,7 +394,7 @@ class MultiNodeCheckpointManager:
         except BaseException:
             self._staged.pop(epoch, None)
             if epoch not in self._committed_here:
-                await asyncio.shield(self._discard(written))
+                await shielded(self._discard(written))
             raise
         self._record_report("checkpoint_save", epoch, manifest, time.perf_counter() - started)
 
@@ -615,6 +626,83 @@ class MultiNodeCheckpointManager:
         except CheckpointError as exc:
             log.info("checkpoint location not accessible: %s", exc)
             return False
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def committed_epochs(self) -> list[int]:
+        """Every committed epoch in the save location (manifest present and valid), ascending."""
+        await self._ensure_open()
+        out = []
+        for epoch in await self._committed_epochs(self._storage):
+            try:
+                await self._read_manifest(epoch, self._storage)
+            except (CheckpointNotFoundError, CheckpointCorruptedError):
+                continue
+            out.append(epoch)
+        return out
+
+    async def gc(self, *, grace_period: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Remove the leftovers of interrupted or losing saves in the save location.
+
+        Deleted: objects of uncommitted epochs, and objects of committed epochs that
+        their manifest does not name (a failed attempt, a concurrent loser), when older
+        than ``grace_period`` seconds (a save may still be running); unfinished
+        multipart uploads older than that are aborted. Never touched: a committed
+        epoch's manifest and the shards and receipts it names, and any epoch whose
+        manifest exists but does not parse (reported in ``skipped_epochs``).
+        With ``dry_run`` nothing is deleted; the report lists what would be.
+        """
+        if not isinstance(grace_period, (int, float)) or isinstance(grace_period, bool) or grace_period < 0:
+            raise ValueError(f"grace_period must be a non-negative number of seconds, got {grace_period!r}")
+        await self._ensure_open()
+        storage = self._storage
+        cutoff = time.time() - grace_period
+        by_epoch: dict[int, list[ObjectInfo]] = {}
+        async for info in storage.list(layout.EPOCHS_DIR + "/"):
+            epoch = layout.parse_epoch_dir(info.key.split("/")[1]) if info.key.count("/") >= 2 else None
+            if epoch is not None:
+                by_epoch.setdefault(epoch, []).append(info)
+        garbage: list[str] = []
+        kept_recent = 0
+        skipped: list[int] = []
+        for epoch, infos in sorted(by_epoch.items()):
+            keep: set[str] = set()
+            manifest_key = layout.manifest_key(epoch)
+            if any(info.key == manifest_key for info in infos):
+                try:
+                    manifest = await self._read_manifest(epoch, storage)
+                except CheckpointNotFoundError:
+                    pass  # deleted since the listing: the epoch is uncommitted now
+                except CheckpointCorruptedError as exc:
+                    log.warning("gc: leaving epoch %d alone, its manifest does not parse: %s", epoch, exc)
+                    skipped.append(epoch)
+                    continue
+                else:
+                    keep = {manifest_key} | {k for r in manifest.nodes.values() for k in (r.shard, r.receipt)}
+            for info in infos:
+                if info.key in keep:
+                    continue
+                if info.last_modified is not None and info.last_modified > cutoff:
+                    kept_recent += 1
+                else:
+                    garbage.append(info.key)
+        stale_uploads = [
+            u
+            for u in await storage.list_pending_uploads(layout.EPOCHS_DIR + "/")
+            if u.initiated is None or u.initiated <= cutoff
+        ]
+        if not dry_run:
+            if garbage:
+                await storage.delete(garbage)
+            for upload in stale_uploads:
+                await storage.abort_pending_upload(upload)
+        return GcReport(
+            deleted=garbage,
+            aborted_uploads=[u.key for u in stale_uploads],
+            kept_recent=kept_recent,
+            skipped_epochs=skipped,
+            dry_run=dry_run,
+        )
 
     # ------------------------------------------------------------------ stats
 

@@ -130,8 +130,8 @@ class ShardReader:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
         return buffer
 
-    async def read_all(self) -> dict[str, Any]:
-        """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
+    async def _check_size(self) -> None:
+        """One HEAD: the shard exists and has the recorded size."""
         info = await self.storage.head(self.record.shard)
         if info is None:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing")
@@ -139,6 +139,10 @@ class ShardReader:
             raise CheckpointCorruptedError(
                 f"{self._where()}: shard is {info.size} bytes, the manifest says {self.record.size} (truncated or replaced)"
             )
+
+    async def read_all(self) -> dict[str, Any]:
+        """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
+        await self._check_size()
         data = await self._fetch(0, self.record.size)
         return await asyncio.to_thread(self._verify_and_decode, data)
 
@@ -171,6 +175,7 @@ class ShardReader:
         wanted = {name: self.record.blobs[name] for name in names}
         if not wanted:
             return {}
+        await self._check_size()
         ranges = coalesce_ranges(((e.offset, e.offset + e.length) for e in wanted.values()), max_gap)
         buffers: dict[tuple[int, int], memoryview] = {}
 

@@ -21,12 +21,15 @@ Contract shared by every backend (checked by :mod:`asyncckpt.storage.testing`):
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import contextvars
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
+from .._tasks import shielded
 from ..errors import CheckpointCorruptedError
 
 __all__ = [
@@ -127,26 +130,60 @@ def validate_key(key: str) -> str:
 class ByteBudget:
     """An async limit on bytes held at once (for example, upload buffers in flight).
 
-    ``acquire(n)`` waits until ``n`` more bytes fit under the limit; a request larger
-    than the whole limit is granted alone, so it can never deadlock.
+    ``acquire(n)`` waits (first come, first served) until ``n`` more bytes fit under
+    the limit; a request larger than the whole limit is granted when nothing else is
+    held, so it can never deadlock. ``release`` is synchronous, so it is safe in
+    ``finally`` blocks of cancelled tasks.
     """
 
     def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"ByteBudget limit must be positive, got {limit}")
         self.limit = limit
         self.in_use = 0
         self.peak = 0
-        self._cond = asyncio.Condition()
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.in_use == 0 or self.in_use + n <= self.limit
+
+    def _grant(self, n: int) -> None:
+        self.in_use += n
+        self.peak = max(self.peak, self.in_use)
 
     async def acquire(self, n: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + n <= self.limit)
-            self.in_use += n
-            self.peak = max(self.peak, self.in_use)
+        if not self._waiters and self._fits(n):
+            self._grant(n)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(n)  # granted just as we were cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._wake()
+            raise
 
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.in_use -= n
-            self._cond.notify_all()
+    def release(self, n: int) -> None:
+        self.in_use -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+            elif self._fits(n):
+                self._waiters.popleft()
+                self._grant(n)
+                future.set_result(None)
+            else:
+                break
 
 
 class ObjectWriter(ABC):
@@ -173,7 +210,7 @@ class ObjectWriter(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is not None:
-            await asyncio.shield(self.abort())
+            await shielded(self.abort())
 
 
 class Storage(ABC):

@@ -32,6 +32,7 @@ from botocore.exceptions import (
     ReadTimeoutError as BotoReadTimeoutError,
 )
 
+from .._tasks import shielded
 from ..config import TransferConfig
 from ..errors import (
     CheckpointConflictError,
@@ -498,7 +499,7 @@ class _S3Writer(ObjectWriter):
             self._parts[number] = response["ETag"]
         finally:
             self._storage._give_part_buffer(buf)
-            await self._budget.release(self._part_size)
+            self._budget.release(self._part_size)
 
     async def _wait_parts(self) -> None:
         pending = set(self._tasks)
@@ -514,7 +515,7 @@ class _S3Writer(ObjectWriter):
             if self._upload_id is None:
                 # small object: one PUT of whatever is buffered
                 body = self._buf[: self._fill] if self._buf is not None else b""
-                await self._release_current()
+                self._release_current()
                 await self._storage.put(self.key, body)
             else:
                 if self._fill:
@@ -530,16 +531,16 @@ class _S3Writer(ObjectWriter):
                     MultipartUpload={"Parts": parts},
                 )
         except BaseException:
-            await asyncio.shield(self.abort())
+            await shielded(self.abort())
             raise
         self._closed = True
         return ObjectInfo(self.key, self._size, time.time())
 
-    async def _release_current(self) -> None:
+    def _release_current(self) -> None:
         if self._buf is not None:
             self._storage._give_part_buffer(self._buf)
             self._buf = None
-            await self._budget.release(self._part_size)
+            self._budget.release(self._part_size)
 
     async def abort(self) -> None:
         if self._closed:
@@ -550,7 +551,7 @@ class _S3Writer(ObjectWriter):
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._tasks.clear()
-        await self._release_current()
+        self._release_current()
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
             with contextlib.suppress(CheckpointError):
