@@ -16,8 +16,10 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointStateError,
+    CheckpointTimeoutError,
     StorageError,
 )
+from .launcher import JobIdentity, job_from_env, split_nodes
 from .manager import ACTIONS, GcReport, MetadataHandler, MultiNodeCheckpointManager
 from .manifest import EpochManifest, NodeRecord, NodeStats
 
@@ -31,8 +33,10 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointStateError",
+    "CheckpointTimeoutError",
     "EpochManifest",
     "GcReport",
+    "JobIdentity",
     "MetadataHandler",
     "MiB",
     "MultiNodeCheckpointManager",
@@ -41,4 +45,6 @@ __all__ = [
     "StorageError",
     "TransferConfig",
     "__version__",
+    "job_from_env",
+    "split_nodes",
 ]

@@ -32,6 +32,9 @@ class TransferConfig:
         body for SigV4 (costs about 1 CPU-second per GB; TLS and our CRC32C already
         guard the bytes). ``retry_mode``/``max_attempts``: botocore's retry strategy.
         ``connect_timeout``/``read_timeout``: per request, in seconds.
+    Multi-process jobs
+        ``commit_timeout``: how long a process's ``save`` waits for the other
+        processes' receipts before giving up (seconds).
     """
 
     max_concurrency: int = 8
@@ -45,6 +48,7 @@ class TransferConfig:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    commit_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("max_concurrency", "max_nodes_in_flight", "max_attempts"):
@@ -63,5 +67,5 @@ class TransferConfig:
             raise ValueError(f"TransferConfig.checksum_mode must be 'when_required' or 'when_supported', got {self.checksum_mode!r}")
         if self.retry_mode not in ("legacy", "standard", "adaptive"):
             raise ValueError(f"TransferConfig.retry_mode must be 'legacy', 'standard' or 'adaptive', got {self.retry_mode!r}")
-        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+        if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.commit_timeout <= 0:
             raise ValueError("TransferConfig timeouts must be positive")

@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointCorruptedError",
     "CheckpointConflictError",
     "CheckpointStateError",
+    "CheckpointTimeoutError",
     "StorageError",
     "combine_node_failures",
 ]
@@ -52,6 +53,17 @@ class CheckpointConflictError(CheckpointError, FileExistsError):
 
 class CheckpointStateError(CheckpointError, RuntimeError):
     """The manager is used out of order (for example ``load`` before ``init``)."""
+
+
+class CheckpointTimeoutError(CheckpointError, TimeoutError):
+    """A multi-process save did not see every node's receipt before its deadline.
+
+    ``missing_nodes`` lists the nodes whose receipt never appeared.
+    """
+
+    def __init__(self, message: str, *, missing_nodes: list[str] | None = None):
+        super().__init__(message)
+        self.missing_nodes = list(missing_nodes or [])
 
 
 class StorageError(CheckpointError, OSError):

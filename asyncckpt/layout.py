@@ -24,6 +24,7 @@ __all__ = [
     "new_attempt_token",
     "new_run_id",
     "parse_epoch_dir",
+    "parse_receipt_key",
     "receipt_key",
     "shard_key",
     "split_writer_id",
@@ -105,3 +106,12 @@ def shard_key(epoch: int, writer_id: str, node: str) -> str:
 
 def receipt_key(epoch: int, writer_id: str, node: str) -> str:
     return f"{epoch_dir(epoch)}{writer_id}/{node}{RECEIPT_SUFFIX}"
+
+
+def parse_receipt_key(key: str) -> tuple[str, str] | None:
+    """(writer id, node) of a receipt key, or ``None`` if ``key`` is not one."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != EPOCHS_DIR or not parts[3].endswith(RECEIPT_SUFFIX):
+        return None
+    node = parts[3][: -len(RECEIPT_SUFFIX)]
+    return (parts[2], node) if node else None

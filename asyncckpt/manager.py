@@ -26,6 +26,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointStateError,
+    CheckpointTimeoutError,
     combine_node_failures,
 )
 from .manifest import EpochManifest, NodeRecord, NodeStats
@@ -287,26 +288,53 @@ class MultiNodeCheckpointManager:
         retrieve_from_epoch: int | None = None,
         path_prefix: str | None = None,
         path_type: str | None = None,
+        *,
+        local_nodes: Any = None,
     ) -> None:
-        """Declare the nodes (names, or a mapping name -> workspace).
+        """Declare the job's nodes (names, or a mapping name -> workspace).
+
+        ``local_nodes`` (names, or a mapping name -> workspace) says which of them this
+        process holds when the job runs as several processes, each with its own
+        manager and the same ``run_id``; by default every node is local. Workspaces
+        not given are new dicts (see :meth:`workspace`).
 
         With ``retrieve_from_epoch``, that epoch's manifest is read (from ``path_prefix``
-        when given) and must hold every node, else :class:`CheckpointNotFoundError`.
-        A second ``init`` with the same nodes is a no-op; with other nodes an error.
+        when given) and must hold every local node, else
+        :class:`CheckpointNotFoundError`. A second ``init`` with the same nodes is a
+        no-op; with other nodes an error.
         """
         normalized = self._normalize_nodes(nodes)
+        if local_nodes is None:
+            local = normalized
+        else:
+            local = self._normalize_nodes(local_nodes)
+            strangers = [n for n in local if n not in normalized]
+            if strangers:
+                raise ValueError(f"local_nodes {strangers} are not among the job's nodes {list(normalized)}")
+            if isinstance(nodes, Mapping):
+                local = {n: (ws if isinstance(local_nodes, Mapping) else normalized[n]) for n, ws in local.items()}
         if retrieve_from_epoch is not None:
             layout.validate_epoch(retrieve_from_epoch)
-        if self._workspaces is not None and list(normalized) != list(self._workspaces):
-            raise CheckpointStateError(f"this manager already manages nodes {list(self._workspaces)}; got {list(normalized)}")
+        if self._workspaces is not None and (
+            list(normalized) != self._node_names or list(local) != list(self._workspaces)
+        ):
+            raise CheckpointStateError(
+                f"this manager already manages nodes {self._node_names} (local {list(self._workspaces)}); "
+                f"got {list(normalized)} (local {list(local)})"
+            )
         self.set_params(list(normalized), path_prefix, path_type)
         if self._workspaces is None:
-            self._workspaces = normalized
+            self._workspaces = local
         await self._ensure_open()
         if retrieve_from_epoch is not None:
             manifest = await self._read_manifest(retrieve_from_epoch, self._reader)
-            self._check_nodes_present(manifest, list(normalized))
+            self._check_nodes_present(manifest, list(local))
             self._known[retrieve_from_epoch] = _Known(manifest, self._reader)
+
+    @property
+    def local_nodes(self) -> list[str]:
+        """The nodes this process holds (all of them unless ``init(local_nodes=...)``)."""
+        return list(self._workspaces or [])
 
     @staticmethod
     def _check_nodes_present(manifest: EpochManifest, nodes: Sequence[str]) -> None:
@@ -351,13 +379,20 @@ class MultiNodeCheckpointManager:
     # ------------------------------------------------------------------ save
 
     async def save(self, epoch: int) -> None:
-        """Save every blob of every node's workspace as of this call, then commit the epoch.
+        """Save every blob of every local node's workspace as of this call, then commit.
 
         Raises :class:`TypeError` (nothing written) for an unsupported blob,
-        :class:`CheckpointConflictError` if the epoch is already committed, and one
-        error naming every failed node otherwise (a :class:`StorageError` when all
-        causes are storage failures). After any failure the epoch is not committed and
-        earlier epochs are untouched.
+        :class:`CheckpointConflictError` if the epoch is already committed (or another
+        job commits it first), and one error naming every failed node otherwise (a
+        :class:`StorageError` when all causes are storage failures). After any failure
+        the epoch is not committed by this call and earlier epochs are untouched.
+
+        When the job runs as several processes (``init(local_nodes=...)``), each
+        process uploads its nodes' shards and receipts, then waits until every node's
+        receipt exists; whichever process gets there first commits, the others see
+        their own job's manifest and succeed. If a receipt is still missing after
+        ``config.commit_timeout`` seconds, :class:`CheckpointTimeoutError` names the
+        missing nodes and the epoch stays uncommitted.
         """
         layout.validate_epoch(epoch)
         workspaces = self._require_init("save()")
@@ -371,6 +406,36 @@ class MultiNodeCheckpointManager:
         writer_id = self._writer_id_for(epoch)
         self._pending_writer.pop(epoch, None)  # every attempt gets fresh keys
         started = time.perf_counter()
+        records = await self._upload_local_nodes(epoch, writer_id, encoded)
+        # From here on our receipts may be part of a commit: never delete them.
+        manifest = EpochManifest(epoch, writer_id, records, self._db_type)
+        if set(records) != set(self._node_names or ()):
+            committed = await self._wait_for_receipts(epoch, records, started)
+            if committed is not None:  # another process of this job committed it
+                self._known[epoch] = _Known(committed, self._storage)
+                self._record_report("checkpoint_save", epoch, committed, time.perf_counter() - started)
+                return
+            manifest = await self._manifest_from_receipts(epoch, writer_id, records)
+        self._staged[epoch] = manifest
+        try:
+            await self.write_checkpoint_metadata(epoch)
+        except CheckpointConflictError:
+            # another job won: our objects are named by no manifest and never will be
+            self._staged.pop(epoch, None)
+            if len(records) == len(self._node_names or ()):
+                await shielded(self._discard([k for r in records.values() for k in (r.shard, r.receipt)]))
+            raise
+        except BaseException:
+            self._staged.pop(epoch, None)
+            raise
+        committed = self._known[epoch].manifest
+        self._record_report("checkpoint_save", epoch, committed, time.perf_counter() - started)
+
+    async def _upload_local_nodes(
+        self, epoch: int, writer_id: str, encoded: dict[str, list[EncodedBlob]]
+    ) -> dict[str, NodeRecord]:
+        """Upload every local node's shard and receipt; on any failure remove what this
+        attempt wrote (best effort) and raise one error naming every failed node."""
         assert self._budget is not None
         budget = self._budget
         written: list[str] = []
@@ -388,24 +453,78 @@ class MultiNodeCheckpointManager:
             )
             if failures:
                 raise combine_node_failures(f"save of epoch {epoch}", failures)
-            manifest = EpochManifest(epoch, writer_id, {n: records[n] for n in encoded}, self._db_type)
-            self._staged[epoch] = manifest
-            await self.write_checkpoint_metadata(epoch)
         except BaseException:
-            self._staged.pop(epoch, None)
-            if epoch not in self._committed_here:
-                await shielded(self._discard(written))
+            await shielded(self._discard(written))
             raise
-        self._record_report("checkpoint_save", epoch, manifest, time.perf_counter() - started)
+        return {node: records[node] for node in encoded}
 
-    async def _discard(self, keys: list[str]) -> None:
-        """Best-effort removal of an uncommitted attempt's objects (gc catches the rest)."""
-        if not keys:
-            return
-        try:
-            await self._storage.delete(keys)
-        except CheckpointError as exc:
-            log.warning("could not remove %d object(s) of a failed save: %s", len(keys), exc)
+    async def _wait_for_receipts(
+        self, epoch: int, local: Mapping[str, NodeRecord], started: float
+    ) -> EpochManifest | None:
+        """Poll the epoch's directory until every node of the job has a receipt from this
+        job (returns ``None``) or a manifest appears (returns it if it is this job's,
+        raises :class:`CheckpointConflictError` otherwise). Raises
+        :class:`CheckpointTimeoutError` at the deadline."""
+        deadline = started + self._config.commit_timeout
+        delay = 0.02
+        nodes = list(self._node_names or ())
+        while True:
+            receipts = await self._job_receipts(epoch)
+            if receipts is None:
+                existing = await self._read_manifest(epoch, self._storage)
+                if existing.run_id != self._run_id:
+                    raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {existing.writer_id}")
+                return existing
+            missing = [n for n in nodes if n not in receipts and n not in local]
+            if not missing:
+                return None
+            now = time.perf_counter()
+            if now >= deadline:
+                raise CheckpointTimeoutError(
+                    f"epoch {epoch} not committed: no receipt from node(s) {missing} within "
+                    f"{self._config.commit_timeout:g} s (their process may have crashed)",
+                    missing_nodes=missing,
+                )
+            await asyncio.sleep(min(delay, max(deadline - now, 0.0)))
+            delay = min(delay * 1.5, 0.5)
+
+    async def _job_receipts(self, epoch: int) -> dict[str, str] | None:
+        """This job's receipt key per node in the epoch's directory (the newest attempt
+        of each node), or ``None`` once the epoch has a manifest."""
+        newest: dict[str, tuple[float, str]] = {}
+        manifest_key = layout.manifest_key(epoch)
+        async for info in self._storage.list(layout.epoch_dir(epoch)):
+            if info.key == manifest_key:
+                return None
+            parsed = layout.parse_receipt_key(info.key)
+            if parsed is None:
+                continue
+            writer_id, node = parsed
+            if layout.split_writer_id(writer_id)[0] != self._run_id:
+                continue
+            stamp = (info.last_modified or 0.0, info.key)
+            if node not in newest or stamp > newest[node]:
+                newest[node] = stamp
+        return {node: key for node, (_, key) in newest.items()}
+
+    async def _manifest_from_receipts(
+        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord]
+    ) -> EpochManifest:
+        """The epoch's manifest: our local records plus every other node's receipt."""
+        receipts = await self._job_receipts(epoch) or {}
+        records = dict(local)
+        remote = [n for n in self._node_names or () if n not in local]
+
+        async def read(node: str) -> NodeRecord:
+            where = self._storage.url_of(receipts[node])
+            got_epoch, _, record = NodeRecord.from_receipt(await self._storage.get(receipts[node]), where)
+            if got_epoch != epoch or record.node != node or record.receipt != receipts[node]:
+                raise CheckpointCorruptedError(f"{where}: receipt does not describe node {node!r} of epoch {epoch}")
+            return record
+
+        for node, record in zip(remote, await run_all(read(n) for n in remote)):
+            records[node] = record
+        return EpochManifest(epoch, writer_id, {n: records[n] for n in self._node_names or ()}, self._db_type)
 
     async def write_checkpoint_metadata(self, epoch: int) -> None:
         """Commit ``epoch``: write its manifest create-only, then tell the metadata handler.
@@ -430,10 +549,16 @@ class MultiNodeCheckpointManager:
                 existing = await self._read_manifest(epoch, self._storage)
             except CheckpointError:
                 existing = None
-            if existing is None or existing.writer_id != manifest.writer_id:
+            if existing is None or existing.run_id != manifest.run_id:
                 other = existing.writer_id if existing is not None else "an unknown writer"
                 raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {other}") from None
-            # our own PUT succeeded and its response was lost; the retry saw our manifest
+            # Our own job's manifest: either our PUT succeeded and its response was lost
+            # (the retry saw our manifest), or another process of this job committed.
+            self._staged.pop(epoch, None)
+            self._committed_here.add(epoch)
+            self._known[epoch] = _Known(existing, self._storage)
+            if existing.writer_id != manifest.writer_id:
+                return  # the committing process tells the metadata handler
         self._staged.pop(epoch, None)
         self._committed_here.add(epoch)
         self._known[epoch] = _Known(manifest, self._storage)
@@ -565,6 +690,8 @@ class MultiNodeCheckpointManager:
         known = self._known.get(epoch)
         if known is not None and node_name in known.manifest.nodes:
             return known.storage.url_of(known.manifest.nodes[node_name].shard)
+        if node_name not in (self._workspaces or {}):
+            return None  # another process's node: its key is known once the epoch is committed
         return self._storage.url_of(layout.shard_key(epoch, self._writer_id_for(epoch), node_name))
 
     async def get_resume_from_epoch_id(self, user_epoch: int | None = None) -> int | None:
