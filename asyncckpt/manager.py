@@ -526,6 +526,15 @@ class MultiNodeCheckpointManager:
             records[node] = record
         return EpochManifest(epoch, writer_id, {n: records[n] for n in self._node_names or ()}, self._db_type)
 
+    async def _discard(self, keys: list[str]) -> None:
+        """Best-effort removal of an uncommitted attempt's objects (gc catches the rest)."""
+        if not keys:
+            return
+        try:
+            await self._storage.delete(keys)
+        except CheckpointError as exc:
+            log.warning("could not remove %d object(s) of a failed save: %s", len(keys), exc)
+
     async def write_checkpoint_metadata(self, epoch: int) -> None:
         """Commit ``epoch``: write its manifest create-only, then tell the metadata handler.
 

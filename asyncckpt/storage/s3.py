@@ -67,6 +67,8 @@ S3_OPTION_NAMES = frozenset(
     }
 )
 
+_THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
+_POOL_MAX_BUFFERS = 4  # warm part buffers kept between uploads (at most 4 parts' worth of RSS)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
@@ -415,7 +417,8 @@ class S3Storage(Storage):
         return self._part_pool.pop() if self._part_pool else bytearray(self.config.part_size)
 
     def _give_part_buffer(self, buf: bytearray) -> None:
-        if len(buf) == self.config.part_size and len(self._part_pool) < 4:
+        keep = max(1, min(_POOL_MAX_BUFFERS, self.config.max_bytes_in_flight // self.config.part_size))
+        if len(buf) == self.config.part_size and len(self._part_pool) < keep:
             self._part_pool.append(buf)
 
 
@@ -441,10 +444,14 @@ class _S3Writer(ObjectWriter):
         self._next_part = 1
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._growing = False
 
     async def _new_buffer(self) -> None:
         await self._budget.acquire(self._part_size)
-        self._buf = self._storage._take_part_buffer()
+        # The first part grows with the data, so a small object never pays for a
+        # part-sized buffer; later parts reuse warm pooled buffers.
+        self._growing = self._next_part == 1
+        self._buf = bytearray() if self._growing else self._storage._take_part_buffer()
         self._fill = 0
 
     async def write(self, data: Buffer) -> None:
@@ -456,7 +463,7 @@ class _S3Writer(ObjectWriter):
                 await self._new_buffer()
             assert self._buf is not None
             n = min(view.nbytes, self._part_size - self._fill)
-            if n >= 1 << 20:
+            if n >= _THREAD_COPY_MIN:
                 await asyncio.to_thread(_copy_into, self._buf, self._fill, view[:n])
             else:
                 self._buf[self._fill : self._fill + n] = view[:n]
@@ -559,4 +566,5 @@ class _S3Writer(ObjectWriter):
 
 
 def _copy_into(buf: bytearray, offset: int, view: memoryview) -> None:
+    # slice assignment grows a bytearray whose length is ``offset`` (the growing first part)
     buf[offset : offset + view.nbytes] = view
