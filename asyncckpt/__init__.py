@@ -20,7 +20,7 @@ from .errors import (
     StorageError,
 )
 from .launcher import JobIdentity, job_from_env, split_nodes
-from .manager import ACTIONS, GcReport, MetadataHandler, MultiNodeCheckpointManager
+from .manager import ACTIONS, GcReport, MetadataHandler, MultiNodeCheckpointManager, SaveHandle
 from .manifest import EpochManifest, NodeRecord, NodeStats
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "MultiNodeCheckpointManager",
     "NodeRecord",
     "NodeStats",
+    "SaveHandle",
     "StorageError",
     "TransferConfig",
     "__version__",

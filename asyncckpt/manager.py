@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from . import layout
+import numpy as np
+
+from . import codec, layout
 from ._tasks import run_all, settle_all, shielded
 from .codec import EncodedBlob
 from .config import TransferConfig
@@ -34,7 +36,7 @@ from .node import ShardReader, ShardWriter
 from .storage import Storage, parse_location, storage_for
 from .storage.base import ByteBudget, ObjectInfo, collect_request_stats, validate_key
 
-__all__ = ["ACTIONS", "GcReport", "MetadataHandler", "MultiNodeCheckpointManager"]
+__all__ = ["ACTIONS", "GcReport", "MetadataHandler", "MultiNodeCheckpointManager", "SaveHandle"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -94,6 +96,78 @@ def _empty_report(action: str) -> dict[str, Any]:
     return {"action": action, "epoch": None, "nodes": {}, "slowest_node": None, "seconds": 0.0, "bytes": 0}
 
 
+class SaveHandle:
+    """The pending commit of :meth:`MultiNodeCheckpointManager.save_async`.
+
+    ``await handle`` (or ``await handle.wait()``) returns once the epoch is committed
+    and raises the save's error otherwise. Cancelling a waiter does not cancel the
+    save; :meth:`cancel` does.
+    """
+
+    def __init__(self, epoch: int, task: asyncio.Task[None], blocking_seconds: float):
+        self.epoch = epoch
+        #: how long ``save_async`` held the caller (the snapshot), in seconds
+        self.blocking_seconds = blocking_seconds
+        self._task = task
+        self._seen = False
+        self._waiters = 0
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def cancel(self) -> bool:
+        """Cancel the background save (the epoch is then not committed)."""
+        return self._task.cancel()
+
+    async def wait(self) -> None:
+        self._waiters += 1
+        try:
+            await asyncio.shield(self._task)
+        finally:
+            self._waiters -= 1
+            if self._task.done():
+                self._seen = True
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "in flight"
+        return f"<SaveHandle epoch={self.epoch} {state}>"
+
+
+def _snapshot_encode_all(
+    workspaces: Mapping[str, Mapping[str, Any]], staging: dict[str, dict[str, np.ndarray[Any, Any]]]
+) -> dict[str, list[EncodedBlob]]:
+    """Copy arrays into (reused) staging buffers and encode every node: after this
+    returns, nothing refers to the caller's mutable objects. Runs in a worker thread."""
+    encoded = {}
+    for node, blobs in workspaces.items():
+        stage = staging.setdefault(node, {})
+        frozen: dict[str, Any] = {}
+        for name, value in blobs.items():
+            if isinstance(value, np.ndarray):
+                order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+                buf = stage.get(name)
+                if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or (
+                    order == "F" and not buf.flags.f_contiguous
+                ):
+                    buf = np.empty(value.shape, value.dtype, order=order)
+                    stage[name] = buf
+                np.copyto(buf, value)
+                frozen[name] = buf
+            elif isinstance(value, (bytearray, memoryview)):
+                frozen[name] = bytes(value)
+            else:
+                frozen[name] = value  # immutable, or packed into new bytes by the encoder
+        for stale in set(stage) - set(frozen):
+            del stage[stale]
+        encoded[node] = codec.encode_blobs(node, frozen)
+    for stale in set(staging) - set(workspaces):
+        del staging[stale]
+    return encoded
+
+
 class MultiNodeCheckpointManager:
     """Checkpoints the workspaces of several nodes to S3, a local directory or memory.
 
@@ -150,6 +224,9 @@ class MultiNodeCheckpointManager:
         self._staged: dict[int, EpochManifest] = {}
         self._committed_here: set[int] = set()
         self._reports: dict[str, dict[str, Any]] = {}
+        self._inflight: SaveHandle | None = None
+        self._failed_unseen: list[SaveHandle] = []
+        self._staging_free: list[dict[str, dict[str, np.ndarray[Any, Any]]]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -161,11 +238,20 @@ class MultiNodeCheckpointManager:
         await self.close()
 
     async def close(self) -> None:
-        """Close the storage clients. The manager can not be used afterwards."""
-        self._closed = True
-        opened, self._opened = self._opened, []
-        for storage in opened:
-            await storage.close()
+        """Wait for a ``save_async`` still in flight, then close the storage clients.
+
+        The manager can not be used afterwards. A background save that failed and
+        whose handle was never awaited raises here, so its error is never lost.
+        """
+        try:
+            await self._wait_inflight(raise_failures=False)
+        finally:
+            self._closed = True
+            opened, self._opened = self._opened, []
+            for storage in opened:
+                await storage.close()
+            self._staging_free.clear()
+        self._raise_unseen_failure()
 
     async def _ensure_open(self) -> None:
         if self._closed:
@@ -396,12 +482,74 @@ class MultiNodeCheckpointManager:
         """
         layout.validate_epoch(epoch)
         workspaces = self._require_init("save()")
-        snapshot = {node: dict(ws) for node, ws in workspaces.items()}
+        await self._wait_inflight()
         encoded: dict[str, list[EncodedBlob]] = {}
-        for node, blobs in snapshot.items():
-            encoded[node] = await ShardWriter.encode(node, blobs)
+        for node, ws in workspaces.items():
+            encoded[node] = await ShardWriter.encode(node, dict(ws))
+        await self._save_encoded(epoch, encoded)
+
+    async def save_async(self, epoch: int) -> SaveHandle:
+        """Snapshot every local workspace now; upload and commit in the background.
+
+        Returns as soon as the state is copied (the caller may change its workspaces
+        right away) with a :class:`SaveHandle`; ``await handle`` waits for the commit
+        and raises the save's error, if any. At most one save is in flight: a second
+        ``save_async`` (or ``save``) first waits for the previous one. A failure
+        nobody awaited is logged and raised by the next ``save``/``save_async``/``close``.
+
+        Arrays are copied into staging buffers that are kept for the next snapshot
+        (one extra copy of the state stays allocated until :meth:`close`); everything
+        else is encoded on the spot. Unsupported blobs raise :class:`TypeError` here,
+        and an already committed epoch :class:`CheckpointConflictError`.
+        """
+        started = time.perf_counter()
+        layout.validate_epoch(epoch)
+        workspaces = self._require_init("save_async()")
+        await self._wait_inflight()
         await self._ensure_open()
         if await self._storage.exists(layout.manifest_key(epoch)):
+            raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
+        staging = self._staging_free.pop() if self._staging_free else {}
+        current = {node: dict(ws) for node, ws in workspaces.items()}
+        try:
+            encoded = await asyncio.to_thread(_snapshot_encode_all, current, staging)
+        except BaseException:
+            self._staging_free.append(staging)
+            raise
+        task = asyncio.create_task(self._save_encoded(epoch, encoded, checked=True))
+        handle = SaveHandle(epoch, task, time.perf_counter() - started)
+        self._inflight = handle
+
+        def finished(_: asyncio.Task[None]) -> None:
+            self._staging_free.append(staging)
+            if not task.cancelled() and task.exception() is not None:
+                self._failed_unseen.append(handle)
+                if not handle._waiters:  # nobody is awaiting it: make sure it is seen
+                    log.error("background save of epoch %d failed: %s", epoch, task.exception())
+
+        task.add_done_callback(finished)
+        return handle
+
+    async def _wait_inflight(self, *, raise_failures: bool = True) -> None:
+        handle = self._inflight
+        if handle is not None and not handle.done():
+            await asyncio.wait([handle._task])
+        self._inflight = None
+        if raise_failures:
+            self._raise_unseen_failure()
+
+    def _raise_unseen_failure(self) -> None:
+        unseen = [h for h in self._failed_unseen if not h._seen]
+        self._failed_unseen.clear()
+        if unseen:
+            unseen[0]._seen = True
+            exc = unseen[0]._task.exception()
+            assert exc is not None
+            raise exc
+
+    async def _save_encoded(self, epoch: int, encoded: dict[str, list[EncodedBlob]], *, checked: bool = False) -> None:
+        await self._ensure_open()
+        if not checked and await self._storage.exists(layout.manifest_key(epoch)):
             raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
         writer_id = self._writer_id_for(epoch)
         self._pending_writer.pop(epoch, None)  # every attempt gets fresh keys
