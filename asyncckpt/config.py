@@ -41,7 +41,7 @@ class TransferConfig:
     max_nodes_in_flight: int = 4
     max_bytes_in_flight: int = 256 * MiB
     part_size: int = 16 * MiB
-    range_size: int = 16 * MiB
+    range_size: int = 64 * MiB
     checksum_mode: str = "when_required"
     payload_signing: bool = False
     retry_mode: str = "standard"

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import codec
 from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
@@ -118,7 +120,8 @@ class ShardReader:
     async def _fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
-        buffer = memoryview(bytearray(end - start))
+        # np.empty: no zero-fill pass; the decoded arrays are views into this memory
+        buffer = memoryview(np.empty(end - start, dtype=np.uint8)) if end > start else memoryview(bytearray())
         step = self.config.range_size
         key = self.record.shard
         try:

@@ -281,7 +281,7 @@ class S3Storage(Storage):
                 body = response["Body"]
                 received = 0
                 try:
-                    async for chunk in body.iter_chunks(1 << 20):
+                    async for chunk in _body_chunks(body):
                         n = len(chunk)
                         if buffer is not None:
                             offset = pos - start
@@ -568,3 +568,19 @@ class _S3Writer(ObjectWriter):
 def _copy_into(buf: bytearray, offset: int, view: memoryview) -> None:
     # slice assignment grows a bytearray whose length is ``offset`` (the growing first part)
     buf[offset : offset + view.nbytes] = view
+
+
+async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
+    """The response body as the network delivers it, without re-joining into fixed-size
+    chunks (one copy fewer than ``iter_chunks``): aiohttp's ``readany`` when the body
+    wraps an aiohttp response, else aiobotocore's ``iter_chunks``."""
+    content = getattr(getattr(body, "__wrapped__", None), "content", None)
+    if content is None or not hasattr(content, "readany"):
+        async for chunk in body.iter_chunks(1 << 20):
+            yield chunk
+        return
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
