@@ -27,6 +27,7 @@ fetched with one ranged GET and verified on its own.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -166,7 +167,13 @@ class _Unsupported(TypeError):
         super().__init__(path, f"unsupported type {type(value).__module__}.{type(value).__qualname__}{why}")
 
 
+_DTYPE_RE = re.compile(r"^[<>|][biufcmMSU][0-9]{1,6}(\[[0-9]*[A-Za-z]{1,2}\])?$")
+
+
 def _array_dtype(dtype_str: str) -> np.dtype[Any]:
+    # a strict syntax check first: numpy warns (or worse) on legacy spellings
+    if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
+        raise ValueError(f"bad dtype {dtype_str!r}")
     try:
         dtype = np.dtype(dtype_str)
     except TypeError as exc:
@@ -194,6 +201,14 @@ def _raw_view(arr: np.ndarray[Any, Any]) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
 
 
+def _utf8_checked(text: str, path: str, value: Any) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Unsupported(path, value, " (a str that is not valid UTF-8, e.g. a lone surrogate)") from None
+    return text
+
+
 def _to_tree(value: Any, path: str, depth: int) -> Any:
     """Convert ``value`` into objects msgpack packs natively (with ExtTypes)."""
     if depth > _MAX_DEPTH:
@@ -207,7 +222,7 @@ def _to_tree(value: Any, path: str, depth: int) -> Any:
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
-        return str(value)
+        return _utf8_checked(str(value), path, value)
     if isinstance(value, int):
         value = int(value)
         if -(1 << 63) <= value < (1 << 64):
@@ -232,7 +247,8 @@ def _to_tree(value: Any, path: str, depth: int) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _Unsupported(f"{path}[{key!r}]", key, " as a dict key (keys must be str)")
-            out[str(key)] = _to_tree(item, f"{path}[{key!r}]", depth + 1)
+            key = _utf8_checked(str(key), f"{path}[{key!r}]", key)
+            out[key] = _to_tree(item, f"{path}[{key!r}]", depth + 1)
         return out
     raise _Unsupported(path, value)
 
@@ -246,9 +262,10 @@ def encode_blob(name: str, value: Any) -> EncodedBlob:
             view = _raw_view(stored)
             return EncodedBlob(name, "ndarray", (view,), view.nbytes, value.dtype.str, tuple(value.shape), order)
         if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(value, np.generic):
-            view = memoryview(value).cast("B") if isinstance(value, memoryview) else memoryview(value)
-            if isinstance(value, memoryview) and not value.c_contiguous:
-                view = memoryview(value.tobytes())
+            if isinstance(value, memoryview):
+                view = value.cast("B") if value.c_contiguous else memoryview(value.tobytes())
+            else:
+                view = memoryview(value)
             return EncodedBlob(name, "bytes", (view,), view.nbytes)
         payload = msgpack.packb(_to_tree(value, name, 0), use_bin_type=True)
         return EncodedBlob(name, "msgpack", (memoryview(payload),), len(payload))
@@ -269,6 +286,10 @@ def encode_blobs(node: str, blobs: Mapping[str, Any]) -> list[EncodedBlob]:
     for name in sorted(blobs, key=lambda n: (not isinstance(n, str), str(n))):
         if not isinstance(name, str) or not name:
             raise TypeError(f"node {node!r}: blob names must be non-empty str, got {name!r}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(f"node {node!r}: blob name {name!r} is not valid UTF-8") from None
         try:
             encoded.append(encode_blob(name, blobs[name]))
         except TypeError as exc:
@@ -333,6 +354,8 @@ def parse_index(body: bytes | memoryview, crc: int, where: str) -> dict[str, Blo
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == ExtCode.NDARRAY:
         dtype_str, shape, order, raw = msgpack.unpackb(data, raw=False)
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError("bad array shape")
         return _array_from(memoryview(raw), _array_dtype(dtype_str), tuple(shape), order, copy=True)
     if code == ExtCode.NUMPY_SCALAR:
         dtype_str, raw = msgpack.unpackb(data, raw=False)

@@ -9,6 +9,7 @@ A receipt is one node's part of that, written next to its shard before the commi
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class NodeStats:
                 int(raw.get("requests", 0)),
                 int(raw.get("retries", 0)),
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return cls()
 
 
@@ -166,16 +167,23 @@ class EpochManifest:
         nodes_raw = raw.get("nodes")
         if not isinstance(writer_id, str) or not isinstance(db_type, str) or not isinstance(nodes_raw, Mapping) or not nodes_raw:
             raise CheckpointCorruptedError(f"{where}: manifest lacks writer_id, db_type or nodes")
-        if not isinstance(created, (int, float)) or isinstance(created, bool):
-            raise CheckpointCorruptedError(f"{where}: manifest lacks created_unix")
+        if not isinstance(created, (int, float)) or isinstance(created, bool) or not _finite(created):
+            raise CheckpointCorruptedError(f"{where}: manifest lacks a valid created_unix")
         nodes = {str(node): NodeRecord.from_json(str(node), record, where) for node, record in nodes_raw.items()}
         return cls(epoch, writer_id, nodes, db_type, float(created))
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _load_json(data: bytes, where: str) -> dict[str, Any]:
     try:
         raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointCorruptedError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise CheckpointCorruptedError(f"{where}: not a JSON object")

@@ -205,6 +205,8 @@ class _LocalWriter(ObjectWriter):
         record_request(sent=memoryview(data).nbytes)
 
     async def commit(self) -> ObjectInfo:
+        if self._closed:
+            raise StorageError(f"{self._storage.url_of(self.key)}: commit after commit/abort", key=self.key)
         if self._file is None:
             await self.write(b"")
         assert self._file is not None

@@ -136,6 +136,8 @@ class _MemoryWriter(ObjectWriter):
         self._parts.append(bytes(data))
 
     async def commit(self) -> ObjectInfo:
+        if self._done:
+            raise StorageError(f"{self._storage.url_of(self.key)}: commit after commit/abort", key=self.key)
         data = b"".join(self._parts)
         self._parts = []
         self._done = True
