@@ -30,7 +30,8 @@ class TransferConfig:
         or ``"when_supported"`` (botocore >= 1.36 default: an extra CRC32 on every upload,
         which some S3-compatible stores reject). ``payload_signing``: SHA-256 the request
         body for SigV4 (costs about 1 CPU-second per GB; TLS and our CRC32C already
-        guard the bytes). ``retry_mode``/``max_attempts``: botocore's retry strategy.
+        guard the bytes). ``retry_mode``/``max_attempts``: botocore's retry strategy; ``max_attempts``
+        counts every attempt, the first one included (botocore's ``total_max_attempts``).
         ``connect_timeout``/``read_timeout``: per request, in seconds.
     Multi-process jobs
         ``commit_timeout``: how long a process's ``save`` waits for the other

@@ -5,6 +5,7 @@
     <root>/epochs/<epoch:012d>/manifest.json                    the commit (create-only, last)
     <root>/epochs/<epoch:012d>/<writer id>/<node>.shard          one node's blobs
     <root>/epochs/<epoch:012d>/<writer id>/<node>.receipt.json   that shard's index and stats
+    <root>/epochs/<epoch:012d>/<run id>.decision                 multi-process jobs: commit or abort
 
 A writer id is ``<run id>.<attempt token>``: the run id names one job incarnation
 (shared by all of its processes), the attempt token is new for every save attempt,
@@ -19,6 +20,7 @@ import secrets
 __all__ = [
     "EPOCHS_DIR",
     "MAX_EPOCH",
+    "decision_key",
     "epoch_dir",
     "manifest_key",
     "new_attempt_token",
@@ -37,6 +39,7 @@ EPOCHS_DIR = "epochs"
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".shard"
 RECEIPT_SUFFIX = ".receipt.json"
+DECISION_SUFFIX = ".decision"
 EPOCH_DIGITS = 12
 MAX_EPOCH = 10**EPOCH_DIGITS - 1
 
@@ -106,6 +109,11 @@ def shard_key(epoch: int, writer_id: str, node: str) -> str:
 
 def receipt_key(epoch: int, writer_id: str, node: str) -> str:
     return f"{epoch_dir(epoch)}{writer_id}/{node}{RECEIPT_SUFFIX}"
+
+
+def decision_key(epoch: int, run_id: str) -> str:
+    """Where the processes of one job record, create-only, whether they commit or abort."""
+    return f"{epoch_dir(epoch)}{run_id}{DECISION_SUFFIX}"
 
 
 def parse_receipt_key(key: str) -> tuple[str, str] | None:

@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -90,6 +90,17 @@ class GcReport:
     kept_recent: int
     skipped_epochs: list[int]
     dry_run: bool
+
+
+_COMMIT = b"commit"
+_ABORT = b"abort"
+
+
+@dataclass
+class _EpochListing:
+    has_manifest: bool = False
+    has_decision: bool = False
+    receipts: dict[str, str] = field(default_factory=dict)
 
 
 def _empty_report(action: str) -> dict[str, Any]:
@@ -558,12 +569,13 @@ class MultiNodeCheckpointManager:
         # From here on our receipts may be part of a commit: never delete them.
         manifest = EpochManifest(epoch, writer_id, records, self._db_type)
         if set(records) != set(self._node_names or ()):
-            committed = await self._wait_for_receipts(epoch, records, started)
+            committed, to_commit = await self._agree_on_commit(epoch, writer_id, records, started)
             if committed is not None:  # another process of this job committed it
                 self._known[epoch] = _Known(committed, self._storage)
                 self._record_report("checkpoint_save", epoch, committed, time.perf_counter() - started)
                 return
-            manifest = await self._manifest_from_receipts(epoch, writer_id, records)
+            assert to_commit is not None
+            manifest = to_commit
         self._staged[epoch] = manifest
         try:
             await self.write_checkpoint_metadata(epoch)
@@ -606,60 +618,99 @@ class MultiNodeCheckpointManager:
             raise
         return {node: records[node] for node in encoded}
 
-    async def _wait_for_receipts(
-        self, epoch: int, local: Mapping[str, NodeRecord], started: float
-    ) -> EpochManifest | None:
-        """Poll the epoch's directory until every node of the job has a receipt from this
-        job (returns ``None``) or a manifest appears (returns it if it is this job's,
-        raises :class:`CheckpointConflictError` otherwise). Raises
-        :class:`CheckpointTimeoutError` at the deadline."""
+    async def _agree_on_commit(
+        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord], started: float
+    ) -> tuple[EpochManifest | None, EpochManifest | None]:
+        """Multi-process save: wait until every node of the job has a receipt, then agree,
+        through one create-only *decision* object per job and epoch, to commit or abort.
+
+        Returns ``(committed manifest, None)`` when this job's manifest already exists,
+        or ``(None, manifest to write)`` once the job decided to commit (any process
+        may then write the manifest: create-only, so one write wins and the others see
+        their own job's manifest). At the deadline a process decides "abort", so a
+        straggler can never commit an epoch the others gave up on; it raises
+        :class:`CheckpointTimeoutError`. A manifest of another job raises
+        :class:`CheckpointConflictError`.
+        """
         deadline = started + self._config.commit_timeout
-        delay = 0.02
+        decision_key = layout.decision_key(epoch, self._run_id)
         nodes = list(self._node_names or ())
+        delay = 0.02
         while True:
-            receipts = await self._job_receipts(epoch)
-            if receipts is None:
+            listing = await self._epoch_listing(epoch)
+            if listing.has_manifest:
                 existing = await self._read_manifest(epoch, self._storage)
                 if existing.run_id != self._run_id:
                     raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {existing.writer_id}")
-                return existing
-            missing = [n for n in nodes if n not in receipts and n not in local]
-            if not missing:
-                return None
-            now = time.perf_counter()
-            if now >= deadline:
+                return existing, None
+            missing = [n for n in nodes if n not in local and n not in listing.receipts]
+            decision = await self._read_decision(decision_key) if listing.has_decision else None
+            if decision is None and not missing:
+                decision = await self._decide(decision_key, _COMMIT)
+            elif decision is None and time.perf_counter() >= deadline:
+                decision = await self._decide(decision_key, _ABORT)
+                if decision == _ABORT:
+                    raise CheckpointTimeoutError(
+                        f"epoch {epoch} not committed: no receipt from node(s) {missing} within "
+                        f"{self._config.commit_timeout:g} s (their process may have crashed)",
+                        missing_nodes=missing,
+                    )
+            if decision == _ABORT:
                 raise CheckpointTimeoutError(
-                    f"epoch {epoch} not committed: no receipt from node(s) {missing} within "
-                    f"{self._config.commit_timeout:g} s (their process may have crashed)",
+                    f"epoch {epoch} not committed: the job gave up on it at the deadline (node(s) {missing} "
+                    "were late); save a later epoch",
                     missing_nodes=missing,
                 )
-            await asyncio.sleep(min(delay, max(deadline - now, 0.0)))
+            if decision == _COMMIT and not missing:
+                return None, await self._manifest_from_receipts(epoch, writer_id, local, listing.receipts)
+            now = time.perf_counter()
+            await asyncio.sleep(min(delay, max(deadline - now, 0.0)) if now < deadline else delay)
             delay = min(delay * 1.5, 0.5)
 
-    async def _job_receipts(self, epoch: int) -> dict[str, str] | None:
-        """This job's receipt key per node in the epoch's directory (the newest attempt
-        of each node), or ``None`` once the epoch has a manifest."""
+    async def _decide(self, key: str, decision: bytes) -> bytes:
+        """Write ``decision`` create-only; returns the decision that stands."""
+        try:
+            await self._storage.put(key, decision, create_only=True)
+            return decision
+        except CheckpointConflictError:
+            standing = await self._read_decision(key)
+            assert standing is not None
+            return standing
+
+    async def _read_decision(self, key: str) -> bytes | None:
+        try:
+            data = await self._storage.get(key)
+        except CheckpointNotFoundError:
+            return None
+        if data not in (_COMMIT, _ABORT):
+            raise CheckpointCorruptedError(f"{self._storage.url_of(key)}: not a commit decision")
+        return data
+
+    async def _epoch_listing(self, epoch: int) -> _EpochListing:
+        """One listing of the epoch's directory: manifest, this job's decision, and this
+        job's receipt key per node (the newest attempt of each node)."""
+        listing = _EpochListing()
         newest: dict[str, tuple[float, str]] = {}
         manifest_key = layout.manifest_key(epoch)
+        decision_key = layout.decision_key(epoch, self._run_id)
         async for info in self._storage.list(layout.epoch_dir(epoch)):
             if info.key == manifest_key:
-                return None
-            parsed = layout.parse_receipt_key(info.key)
-            if parsed is None:
-                continue
-            writer_id, node = parsed
-            if layout.split_writer_id(writer_id)[0] != self._run_id:
-                continue
-            stamp = (info.last_modified or 0.0, info.key)
-            if node not in newest or stamp > newest[node]:
-                newest[node] = stamp
-        return {node: key for node, (_, key) in newest.items()}
+                listing.has_manifest = True
+            elif info.key == decision_key:
+                listing.has_decision = True
+            elif (parsed := layout.parse_receipt_key(info.key)) is not None:
+                writer_id, node = parsed
+                if layout.split_writer_id(writer_id)[0] == self._run_id:
+                    stamp = (info.last_modified or 0.0, info.key)
+                    if node not in newest or stamp > newest[node]:
+                        newest[node] = stamp
+        listing.receipts = {node: key for node, (_, key) in newest.items()}
+        return listing
 
     async def _manifest_from_receipts(
-        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord]
+        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord], receipts: Mapping[str, str]
     ) -> EpochManifest:
         """The epoch's manifest: our local records plus every other node's receipt."""
-        receipts = await self._job_receipts(epoch) or {}
         records = dict(local)
         remote = [n for n in self._node_names or () if n not in local]
 
@@ -796,6 +847,12 @@ class MultiNodeCheckpointManager:
             return False
         if any(node not in manifest.nodes for node in node_names):
             return False
+        shards = await run_all(self._storage.head(manifest.nodes[node].shard) for node in node_names)
+        if any(info is None for info in shards):
+            return False  # a listed node's shard is gone: nothing is loaded
+        for node, info in zip(node_names, shards):
+            assert info is not None
+            ShardReader(self._storage, node, manifest.nodes[node], self._config).check_size(info.size)
         plan: dict[str, dict[str, str]] = {}  # node -> {blob name: session key}
         for name in names:
             hits = [(node, name) for node in node_names if name in manifest.nodes[node].blobs]
@@ -814,7 +871,7 @@ class MultiNodeCheckpointManager:
             t0 = time.perf_counter()
             record = manifest.nodes[node]
             with collect_request_stats() as stats:
-                values = await ShardReader(self._storage, node, record, self._config).read_some(plan[node])
+                values = await ShardReader(self._storage, node, record, self._config).read_some(plan[node], checked=True)
             nbytes = sum(record.blobs[b].length for b in plan[node])
             return values, NodeStats(time.perf_counter() - t0, nbytes, 1, stats.requests, stats.retries)
 

@@ -138,9 +138,12 @@ class ShardReader:
         info = await self.storage.head(self.record.shard)
         if info is None:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing")
-        if info.size != self.record.size:
+        self.check_size(info.size)
+
+    def check_size(self, size: int) -> None:
+        if size != self.record.size:
             raise CheckpointCorruptedError(
-                f"{self._where()}: shard is {info.size} bytes, the manifest says {self.record.size} (truncated or replaced)"
+                f"{self._where()}: shard is {size} bytes, the manifest says {self.record.size} (truncated or replaced)"
             )
 
     async def read_all(self) -> dict[str, Any]:
@@ -159,7 +162,9 @@ class ShardReader:
         )
         index = codec.parse_index(data[index_offset : index_offset + index_length], index_crc, where)
         if index != dict(self.record.blobs):
-            raise CheckpointCorruptedError(f"{where}: shard index does not match the manifest")
+            differing = sorted(n for n in set(index) | set(self.record.blobs) if index.get(n) != self.record.blobs.get(n))
+            shown = ", ".join(repr(n) for n in differing[:5]) + (" ..." if len(differing) > 5 else "")
+            raise CheckpointCorruptedError(f"{where}: shard index does not match the manifest for blob(s) {shown}")
         if codec.checksum(data) != self.record.crc32c:
             # a per-blob check below names the blob when the damage is inside one
             for name, entry in self.record.blobs.items():
@@ -172,13 +177,15 @@ class ShardReader:
             for name, entry in self.record.blobs.items()
         }
 
-    async def read_some(self, names: Iterable[str], *, max_gap: int = 0) -> dict[str, Any]:
+    async def read_some(self, names: Iterable[str], *, max_gap: int = 0, checked: bool = False) -> dict[str, Any]:
         """Only the named blobs (each must be in the record), fetched with ranged GETs of
-        just their bytes (neighbours within ``max_gap`` bytes share one request)."""
+        just their bytes (neighbours within ``max_gap`` bytes share one request).
+        ``checked``: the caller already verified the shard's size."""
         wanted = {name: self.record.blobs[name] for name in names}
         if not wanted:
             return {}
-        await self._check_size()
+        if not checked:  # the caller has not HEADed the shard yet
+            await self._check_size()
         ranges = coalesce_ranges(((e.offset, e.offset + e.length) for e in wanted.values()), max_gap)
         buffers: dict[tuple[int, int], memoryview] = {}
 

@@ -187,7 +187,11 @@ class ByteBudget:
 
 
 class ObjectWriter(ABC):
-    """Streams one object; nothing is visible until :meth:`commit` returns."""
+    """Streams one object; nothing is visible until :meth:`commit` returns.
+
+    Use it as ``async with``: leaving the block without :meth:`commit` (normally or by
+    an exception or cancellation) aborts the write and releases what it holds.
+    """
 
     key: str
 
@@ -209,8 +213,8 @@ class ObjectWriter(ABC):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is not None:
-            await shielded(self.abort())
+        # leaving the block without commit() drops everything (abort after commit is a no-op)
+        await shielded(self.abort())
 
 
 class Storage(ABC):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 import aiofiles.os
@@ -21,9 +23,10 @@ __all__ = ["LocalStorage"]
 _TMP_SUFFIX = ".asyncckpt-tmp"
 
 
-def _translate(exc: OSError, url: str, key: str | None) -> CheckpointError:
+def _translate(exc: OSError, url: str, key: str | None, *, writing: bool = False) -> CheckpointError:
     code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-    if isinstance(exc, FileNotFoundError):
+    if not writing and isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        # a key "below" an object, or a directory of keys, is no object either
         return CheckpointNotFoundError(f"{url} does not exist")
     if isinstance(exc, FileExistsError):
         return CheckpointConflictError(f"{url} already exists")
@@ -51,9 +54,14 @@ class LocalStorage(Storage):
 
     async def get(self, key: str) -> bytes:
         path = self._path(key)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
         try:
-            async with aiofiles.open(path, "rb") as f:
-                data = await f.read()
+            # open, read and close in one worker call: a cancel can never leak the handle
+            data = await asyncio.to_thread(read)
         except OSError as exc:
             record_request()
             raise _translate(exc, self.url_of(key), key) from None
@@ -67,15 +75,20 @@ class LocalStorage(Storage):
 
     async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
         path = self._path(key)
-        try:
-            async with aiofiles.open(path, "rb") as f:
-                await f.seek(start)
+
+        def read() -> int:
+            with open(path, "rb") as f:
+                f.seek(start)
                 got = 0
                 while got < buffer.nbytes:
-                    n = await f.readinto(buffer[got:])
+                    n = f.readinto(buffer[got:])
                     if not n:
                         break
                     got += n
+                return got
+
+        try:
+            got = await asyncio.to_thread(read)
         except OSError as exc:
             record_request()
             raise _translate(exc, self.url_of(key), key) from None
@@ -92,12 +105,12 @@ class LocalStorage(Storage):
         record_request()
         try:
             st = await aiofiles.os.stat(path)
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise _translate(exc, self.url_of(key), key) from None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a directory of keys is not an object
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def _walk(self, prefix: str) -> list[ObjectInfo]:
@@ -131,11 +144,23 @@ class LocalStorage(Storage):
         directory = self.root / prefix if prefix else self.root
         record_request()
 
+        def holds_an_object(path: str) -> bool:
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                if any(not f.startswith(".") for f in filenames):
+                    return True
+            return False
+
         def scan() -> list[str]:
+            # like an S3 delimiter listing: a directory counts once it holds a committed
+            # object (empty ones, or ones holding only a writer's temp file, do not)
             try:
-                return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+                entries = list(os.scandir(directory))
             except (FileNotFoundError, NotADirectoryError):
                 return []
+            return sorted(
+                e.name for e in entries if e.is_dir() and not e.name.startswith(".") and holds_an_object(e.path)
+            )
 
         try:
             return await asyncio.to_thread(scan)
@@ -158,9 +183,19 @@ class LocalStorage(Storage):
             try:
                 await aiofiles.os.remove(path)
             except (FileNotFoundError, NotADirectoryError):
-                pass
+                continue
             except OSError as exc:
                 raise _translate(exc, self.url_of(str(path.relative_to(self.root))), None) from None
+            await asyncio.to_thread(self._prune_empty_parents, path.parent)
+
+    def _prune_empty_parents(self, directory: Path) -> None:
+        """Remove directories left empty by a delete, up to (not including) the root."""
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone)
+                return
+            directory = directory.parent
 
     async def check_root(self) -> None:
         record_request()
@@ -197,10 +232,10 @@ class _LocalWriter(ObjectWriter):
         try:
             if self._file is None:
                 await aiofiles.os.makedirs(self._path.parent, exist_ok=True)
-                self._file = await aiofiles.open(self._tmp, "wb")
+                self._file = await _open_uncancellable(self._tmp)
             await self._file.write(data)
         except OSError as exc:
-            raise _translate(exc, self._storage.url_of(self.key), self.key) from None
+            raise _translate(exc, self._storage.url_of(self.key), self.key, writing=True) from None
         self._size += memoryview(data).nbytes
         record_request(sent=memoryview(data).nbytes)
 
@@ -225,12 +260,15 @@ class _LocalWriter(ObjectWriter):
             raise CheckpointConflictError(f"{self._storage.url_of(self.key)} already exists") from None
         except OSError as exc:
             await self.abort()
-            raise _translate(exc, self._storage.url_of(self.key), self.key) from None
+            raise _translate(exc, self._storage.url_of(self.key), self.key, writing=True) from None
         self._closed = True
+        self._file = None
         record_request(objects_written=1)
         return ObjectInfo(self.key, self._size, time.time())
 
     async def abort(self) -> None:
+        if self._closed and self._file is None:
+            return
         self._closed = True
         if self._file is not None:
             try:
@@ -241,3 +279,26 @@ class _LocalWriter(ObjectWriter):
             await aiofiles.os.remove(self._tmp)
         except OSError:
             pass
+
+
+async def _open_uncancellable(path: Path) -> Any:
+    """``aiofiles.open(path, "wb")`` whose handle is closed (and the file removed) if
+    the caller is cancelled while the worker thread opens it."""
+    opening = asyncio.ensure_future(aiofiles.open(path, "wb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+
+        def cleanup(task: asyncio.Future[Any]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                handle = task.result()
+                closing = asyncio.ensure_future(handle.close())
+                closing.add_done_callback(lambda _: path.unlink(missing_ok=True))
+                _pending_cleanups.add(closing)
+                closing.add_done_callback(_pending_cleanups.discard)
+
+        opening.add_done_callback(cleanup)
+        raise
+
+
+_pending_cleanups: set[asyncio.Future[Any]] = set()

@@ -70,7 +70,7 @@ S3_OPTION_NAMES = frozenset(
 _THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
 _POOL_MAX_BUFFERS = 4  # warm part buffers kept between uploads (at most 4 parts' worth of RSS)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED = {
     "AccessDenied",
@@ -110,6 +110,8 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, url: st
             return StorageError(f"bucket {bucket!r} does not exist (NoSuchBucket)", bucket=bucket, key=key, code="NoSuchBucket")
         if code in _CONFLICT:
             return CheckpointConflictError(f"{url} already exists (the create-only write was refused: {code})")
+        if code == "403":  # a HEAD has no body, so no error code: only the status
+            code = "AccessDenied"
         if code in _DENIED:
             return StorageError(
                 f"access to {url} denied ({code}): check the credentials and the bucket policy",
@@ -188,7 +190,7 @@ class S3Storage(Storage):
             s3={"addressing_style": self._addressing, "payload_signing_enabled": cfg.payload_signing},
             request_checksum_calculation=cfg.checksum_mode,
             response_checksum_validation=cfg.checksum_mode,
-            retries={"mode": cfg.retry_mode, "max_attempts": cfg.max_attempts},
+            retries={"mode": cfg.retry_mode, "total_max_attempts": cfg.max_attempts},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             max_pool_connections=cfg.max_concurrency + 2,
@@ -241,8 +243,6 @@ class S3Storage(Storage):
         return info
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        if end <= start:
-            return b""
         buffer = memoryview(bytearray(end - start))
         await self.read_into(key, buffer, start)
         return bytes(buffer)
@@ -250,6 +250,8 @@ class S3Storage(Storage):
     async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
         if buffer.nbytes:
             await self._ranged_read(key, start, start + buffer.nbytes, buffer)
+        elif await self.head(key) is None:  # S3 has no empty range: ask whether it exists
+            raise CheckpointNotFoundError(f"{self.url_of(key)} does not exist")
 
     async def _ranged_read(self, key: str, start: int, end: int | None, buffer: memoryview | None) -> bytes | None:
         """GET ``[start, end)`` into ``buffer`` (or into new bytes when ``end`` is None).
@@ -359,7 +361,7 @@ class S3Storage(Storage):
     # -- writes -------------------------------------------------------------------------
 
     async def put(self, key: str, data: Buffer, *, create_only: bool = False) -> None:
-        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        body = _BufferBody(data)
         kwargs: dict[str, Any] = {"Key": self._key(key), "Body": body}
         if create_only:
             kwargs["IfNoneMatch"] = "*"
@@ -445,6 +447,7 @@ class _S3Writer(ObjectWriter):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._growing = False
+        self._creating: asyncio.Future[Any] | None = None
 
     async def _new_buffer(self) -> None:
         await self._budget.acquire(self._part_size)
@@ -480,33 +483,43 @@ class _S3Writer(ObjectWriter):
                 raise task.exception()  # type: ignore[misc]
 
     async def _flush_part(self) -> None:
+        if self._upload_id is None:
+            await self._start_upload()
         buf, fill = self._buf, self._fill
         self._buf, self._fill = None, 0
         assert buf is not None
-        if self._upload_id is None:
-            response = await self._storage._call("create_multipart_upload", self.key, Key=self._full_key)
-            self._upload_id = response["UploadId"]
         number = self._next_part
         self._next_part += 1
         task = asyncio.create_task(self._upload_part(number, buf, fill))
+        # released by a callback: it runs even if the task is cancelled before it starts
+        task.add_done_callback(lambda _, buf=buf: self._release_part(buf))  # type: ignore[misc]
         self._tasks.add(task)
 
+    async def _start_upload(self) -> None:
+        """CreateMultipartUpload, such that a cancel can never lose the upload's id
+        (:meth:`abort` waits for the request and aborts what it created)."""
+        self._creating = asyncio.ensure_future(
+            self._storage._call("create_multipart_upload", self.key, Key=self._full_key)
+        )
+        response = await asyncio.shield(self._creating)
+        self._upload_id = response["UploadId"]
+
+    def _release_part(self, buf: bytearray) -> None:
+        self._storage._give_part_buffer(buf)
+        self._budget.release(self._part_size)
+
     async def _upload_part(self, number: int, buf: bytearray, fill: int) -> None:
-        try:
-            body = buf if fill == len(buf) else buf[:fill]
-            response = await self._storage._call(
-                "upload_part",
-                self.key,
-                sent=fill,
-                Key=self._full_key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=body,
-            )
-            self._parts[number] = response["ETag"]
-        finally:
-            self._storage._give_part_buffer(buf)
-            self._budget.release(self._part_size)
+        body = _BufferBody(memoryview(buf)[:fill])
+        response = await self._storage._call(
+            "upload_part",
+            self.key,
+            sent=fill,
+            Key=self._full_key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        self._parts[number] = response["ETag"]
 
     async def _wait_parts(self) -> None:
         pending = set(self._tasks)
@@ -559,10 +572,57 @@ class _S3Writer(ObjectWriter):
             await asyncio.wait(self._tasks)
         self._tasks.clear()
         self._release_current()
+        if self._upload_id is None and self._creating is not None:
+            with contextlib.suppress(Exception):  # a failed create left nothing to abort
+                self._upload_id = (await self._creating)["UploadId"]
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
             with contextlib.suppress(CheckpointError):
                 await self._storage.abort_pending_upload(PendingUpload(self.key, upload_id))
+
+
+class _BufferBody:
+    """A request body over a buffer, sent without copying it.
+
+    botocore sees a seekable file-like object (``read``/``seek``/``tell``: it measures
+    the length and rewinds it for a retry); aiohttp sees an async iterable and streams
+    memoryview slices of the buffer, yielding to the event loop between them (a raw
+    ``bytes`` body of many MiB would be copied into the transport in one go).
+    """
+
+    _CHUNK = 256 * 1024
+
+    def __init__(self, data: Buffer):
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._view.nbytes - self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self._view.nbytes if n is None or n < 0 else min(self._view.nbytes, self._pos + n)
+        chunk = bytes(self._view[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._view.nbytes)[whence]
+        self._pos = max(0, min(self._view.nbytes, base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        view, pos = self._view, self._pos
+        while pos < view.nbytes:
+            yield view[pos : pos + self._CHUNK]
+            pos += self._CHUNK
+            if pos < view.nbytes:
+                await asyncio.sleep(0)
 
 
 def _copy_into(buf: bytearray, offset: int, view: memoryview) -> None:

@@ -1,0 +1,170 @@
+"""Shared fixtures: an isolated AWS environment, an S3 endpoint, fresh buckets, locations.
+
+The S3 endpoint is moto's threaded server on an ephemeral loopback port, unless
+``ASYNCCKPT_TEST_S3_ENDPOINT`` names an external one (MinIO, a ``moto_server`` started
+by CI...); its credentials then come from ``ASYNCCKPT_TEST_AWS_ACCESS_KEY_ID`` and
+``ASYNCCKPT_TEST_AWS_SECRET_ACCESS_KEY`` (default ``testing``/``testing``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import pytest
+from aiobotocore.config import AioConfig
+
+from asyncckpt.storage import drop_memory_store
+
+EXTERNAL_ENDPOINT_VAR = "ASYNCCKPT_TEST_S3_ENDPOINT"
+REGION = "us-east-1"
+
+# Variables that could point a test at real AWS or at a developer's own profile.
+_AWS_VARS_TO_REMOVE = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_REGION",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CA_BUNDLE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Dummy credentials, no profile, no config files, no endpoint overrides, no IMDS."""
+    nowhere = tmp_path_factory.mktemp("aws-isolated")
+    external = bool(os.environ.get(EXTERNAL_ENDPOINT_VAR))
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _AWS_VARS_TO_REMOVE:
+            mp.delenv(name, raising=False)
+        for name in list(os.environ):
+            if name.startswith("AWS_ENDPOINT_URL") or name == "AWS_USE_FIPS_ENDPOINT":
+                mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", str(nowhere / "no-such-config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere / "no-such-credentials"))
+        key_id = os.environ.get("ASYNCCKPT_TEST_AWS_ACCESS_KEY_ID") if external else None
+        secret = os.environ.get("ASYNCCKPT_TEST_AWS_SECRET_ACCESS_KEY") if external else None
+        mp.setenv("AWS_ACCESS_KEY_ID", key_id or "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", secret or "testing")
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(aws_environment: None) -> Iterator[str]:
+    """The URL of an S3-compatible endpoint for the whole session."""
+    external = os.environ.get(EXTERNAL_ENDPOINT_VAR)
+    if external:
+        yield external
+        return
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # verbose=False does not silence it
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        # ThreadedMotoServer.stop() shuts the serve loop down but never closes the
+        # listening socket (moto 5.2.5), which would surface as a ResourceWarning.
+        wsgi_server = getattr(server, "_server", None)
+        if wsgi_server is not None:
+            wsgi_server.server_close()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint: str) -> dict[str, Any]:
+    """``storage_options`` for an :class:`~asyncckpt.storage.S3Storage` on the test endpoint."""
+    return {"endpoint_url": s3_endpoint, "region_name": REGION, "addressing_style": "path"}
+
+
+@pytest.fixture(scope="session")
+def s3_admin_session(aws_environment: None) -> aioboto3.Session:
+    """One aioboto3 session for test-side S3 clients (it caches botocore's service models)."""
+    return aioboto3.Session()
+
+
+@pytest.fixture
+async def s3_client(s3_endpoint: str, s3_admin_session: aioboto3.Session) -> AsyncIterator[Any]:
+    """A raw aioboto3 S3 client for arranging and inspecting buckets behind a test's back."""
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": 2},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    async with s3_admin_session.client("s3", endpoint_url=s3_endpoint, region_name=REGION, config=config) as client:
+        yield client
+
+
+async def _empty_and_delete_bucket(client: Any, bucket: str) -> None:
+    paginator = client.get_paginator("list_multipart_uploads")
+    async for page in paginator.paginate(Bucket=bucket):
+        for upload in page.get("Uploads", []):
+            await client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    paginator = client.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket):
+        objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if objects:
+            await client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+    await client.delete_bucket(Bucket=bucket)
+
+
+@pytest.fixture
+async def s3_bucket(s3_client: Any) -> AsyncIterator[str]:
+    """A fresh, empty bucket; emptied and deleted (best effort) after the test."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    await s3_client.create_bucket(Bucket=name)
+    yield name
+    try:
+        await _empty_and_delete_bucket(s3_client, name)
+    except Exception as exc:  # best effort: a leftover bucket must not fail the test
+        logging.getLogger(__name__).warning("could not delete test bucket %s: %s", name, exc)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a test stores checkpoints: a URL, its kind and its ``storage_options``."""
+
+    url: str
+    kind: str
+    options: dict[str, Any] | None = None
+
+
+@pytest.fixture(params=["memory", "file", "s3"])
+def location_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def location(location_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Location]:
+    """A fresh, empty checkpoint location of each kind (memory, file, s3)."""
+    if location_kind == "memory":
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        try:
+            yield Location(f"memory://{name}", "memory")
+        finally:
+            drop_memory_store(name)
+    elif location_kind == "file":
+        yield Location((tmp_path / "ckpt").as_uri(), "file")
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        options = request.getfixturevalue("s3_options")
+        yield Location(f"s3://{bucket}/some/prefix", "s3", options)
