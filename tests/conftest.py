@@ -18,12 +18,11 @@ from typing import Any
 
 import aioboto3
 import pytest
-from aiobotocore.config import AioConfig
+from s3_helpers import REGION, admin_client, delete_bucket, new_bucket_name
 
 from asyncckpt.storage import drop_memory_store
 
 EXTERNAL_ENDPOINT_VAR = "ASYNCCKPT_TEST_S3_ENDPOINT"
-REGION = "us-east-1"
 
 # Variables that could point a test at real AWS or at a developer's own profile.
 _AWS_VARS_TO_REMOVE = (
@@ -81,12 +80,7 @@ def s3_endpoint(aws_environment: None) -> Iterator[str]:
     try:
         yield f"http://{host}:{port}"
     finally:
-        server.stop()
-        # ThreadedMotoServer.stop() shuts the serve loop down but never closes the
-        # listening socket (moto 5.2.5), which would surface as a ResourceWarning.
-        wsgi_server = getattr(server, "_server", None)
-        if wsgi_server is not None:
-            wsgi_server.server_close()
+        server.stop()  # werkzeug's serve_forever closes the listening socket on its way out
 
 
 @pytest.fixture
@@ -104,37 +98,18 @@ def s3_admin_session(aws_environment: None) -> aioboto3.Session:
 @pytest.fixture
 async def s3_client(s3_endpoint: str, s3_admin_session: aioboto3.Session) -> AsyncIterator[Any]:
     """A raw aioboto3 S3 client for arranging and inspecting buckets behind a test's back."""
-    config = AioConfig(
-        s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 2},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    async with s3_admin_session.client("s3", endpoint_url=s3_endpoint, region_name=REGION, config=config) as client:
+    async with admin_client(s3_admin_session, s3_endpoint) as client:
         yield client
-
-
-async def _empty_and_delete_bucket(client: Any, bucket: str) -> None:
-    paginator = client.get_paginator("list_multipart_uploads")
-    async for page in paginator.paginate(Bucket=bucket):
-        for upload in page.get("Uploads", []):
-            await client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-    paginator = client.get_paginator("list_objects_v2")
-    async for page in paginator.paginate(Bucket=bucket):
-        objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-        if objects:
-            await client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
-    await client.delete_bucket(Bucket=bucket)
 
 
 @pytest.fixture
 async def s3_bucket(s3_client: Any) -> AsyncIterator[str]:
     """A fresh, empty bucket; emptied and deleted (best effort) after the test."""
-    name = f"test-{uuid.uuid4().hex[:12]}"
+    name = new_bucket_name()
     await s3_client.create_bucket(Bucket=name)
     yield name
     try:
-        await _empty_and_delete_bucket(s3_client, name)
+        await delete_bucket(s3_client, name)
     except Exception as exc:  # best effort: a leftover bucket must not fail the test
         logging.getLogger(__name__).warning("could not delete test bucket %s: %s", name, exc)
 
@@ -145,17 +120,23 @@ class Location:
 
     url: str
     kind: str
-    options: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None  # ``storage_options`` (None unless kind is "s3")
 
 
 @pytest.fixture(params=["memory", "file", "s3"])
 def location_kind(request: pytest.FixtureRequest) -> str:
+    """The kinds :func:`location` runs a test with; narrow it with
+    ``@pytest.mark.parametrize("location_kind", ["s3"])``."""
     return request.param
 
 
 @pytest.fixture
 def location(location_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Location]:
-    """A fresh, empty checkpoint location of each kind (memory, file, s3)."""
+    """A fresh, empty checkpoint location of each kind (memory, file, s3).
+
+    The S3 one is ``s3://<fresh bucket>/some/prefix`` on the test endpoint; the bucket
+    (and the moto server) are only set up for the s3 parameter.
+    """
     if location_kind == "memory":
         name = f"test-{uuid.uuid4().hex[:12]}"
         try:

@@ -328,10 +328,6 @@ async def test_large_multipart_save_and_load_round_trip(location: Any) -> None:
 
 # aiohttp warns about every request body above 1 MiB given as bytes (see the test above);
 # the cancellation tests are about cancellation, so they do not fail on that warning.
-LARGE_BODY_WARNING = "ignore:Sending a large body directly with raw bytes:ResourceWarning"
-
-
-@pytest.mark.filterwarnings(LARGE_BODY_WARNING)
 async def test_cancelled_save_commits_nothing_and_the_manager_keeps_working(location: Any) -> None:
     async with maybe_s3_admin(location) as admin, manager(location, config=CANCEL_CONFIG) as mgr:
         await mgr.init(big_state(0))
@@ -400,7 +396,6 @@ async def test_cancelled_save_commits_nothing_and_the_manager_keeps_working(loca
         assert await open_uploads(location, admin) == []
 
 
-@pytest.mark.filterwarnings(LARGE_BODY_WARNING)
 async def test_cancelled_load_changes_no_workspace_and_the_manager_keeps_working(location: Any) -> None:
     async with manager(location, config=CANCEL_CONFIG) as mgr:
         await mgr.init(big_state(0))

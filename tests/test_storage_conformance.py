@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
+from s3_helpers import REGION, admin_client, delete_bucket, empty_bucket, new_bucket_name
 
 from asyncckpt.config import MiB, TransferConfig
-from asyncckpt.errors import StorageError
-from asyncckpt.storage import LocalStorage, MemoryStorage, S3Storage, drop_memory_store
+from asyncckpt.errors import CheckpointNotFoundError, StorageError
+from asyncckpt.storage import ByteBudget, LocalStorage, MemoryStorage, PendingUpload, S3Storage, drop_memory_store
 from asyncckpt.storage.testing import StorageConformance, payload
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
@@ -55,6 +58,11 @@ class TestLocalStorage(StorageConformance):
             assert await storage.get("a/b") == b"durable"
             assert await storage.get("c") == b"also durable"
 
+    async def test_writer_block_left_without_commit_removes_its_temp_file(self, storage: LocalStorage) -> None:
+        async with storage.writer("dir/obj") as writer:
+            await writer.write(b"forgotten")
+        assert [p.name for p in storage.root.rglob("*") if p.is_file()] == []
+
     async def test_check_root_fails_when_the_root_is_a_file(self, tmp_path: Path) -> None:
         (tmp_path / "file").write_bytes(b"")
         async with LocalStorage(tmp_path / "file" / "ckpt") as storage:
@@ -62,13 +70,31 @@ class TestLocalStorage(StorageConformance):
                 await storage.check_root()
 
 
+@pytest.mark.asyncio(loop_scope="class")
 class TestS3Storage(StorageConformance):
-    @pytest.fixture
-    async def storage(self, s3_client: Any, s3_bucket: str, s3_options: dict[str, Any]) -> AsyncIterator[S3Storage]:
-        for key in NEIGHBOURS:
-            await s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"must never be listed")
-        async with S3Storage(s3_bucket, "some/prefix", options=s3_options, config=SMALL_PARTS) as storage:
-            yield storage
+    """One bucket and one opened S3Storage for the whole class, its root emptied before
+    each test: opening an S3Storage builds a botocore session (about 0.2 s of model
+    loading), which would dominate a suite of ~80 small tests."""
+
+    @pytest_asyncio.fixture(scope="class", loop_scope="class")
+    async def shared_root(self, s3_endpoint: str, s3_admin_session: Any) -> AsyncIterator[tuple[Any, S3Storage]]:
+        options = {"endpoint_url": s3_endpoint, "region_name": REGION, "addressing_style": "path"}
+        async with admin_client(s3_admin_session, s3_endpoint) as client:
+            bucket = new_bucket_name()
+            await client.create_bucket(Bucket=bucket)
+            try:
+                for key in NEIGHBOURS:
+                    await client.put_object(Bucket=bucket, Key=key, Body=b"must never be listed")
+                async with S3Storage(bucket, "some/prefix", options=options, config=SMALL_PARTS) as storage:
+                    yield client, storage
+            finally:
+                await delete_bucket(client, bucket)
+
+    @pytest_asyncio.fixture(loop_scope="class")
+    async def storage(self, shared_root: tuple[Any, S3Storage]) -> AsyncIterator[S3Storage]:
+        client, storage = shared_root
+        await empty_bucket(client, storage.bucket, "some/prefix/")
+        yield storage
 
     async def test_large_writer_is_a_pending_multipart_upload_until_commit(self, storage: S3Storage) -> None:
         data = payload(11 * MiB, seed=11)
@@ -83,14 +109,34 @@ class TestS3Storage(StorageConformance):
         assert info.etag is not None and info.etag.strip('"').endswith("-3")  # three parts
 
     async def test_abort_pending_upload_drops_an_abandoned_upload(self, storage: S3Storage) -> None:
-        writer = storage.writer("abandoned")
-        await writer.write(payload(6 * MiB, seed=12))  # one part sent, the writer is never closed
-        (pending,) = await storage.list_pending_uploads()
-        await storage.abort_pending_upload(pending)
-        await storage.abort_pending_upload(pending)  # already gone: a no-op
-        assert await storage.list_pending_uploads() == []
-        await writer.abort()
+        async with storage.writer("abandoned") as writer:
+            await writer.write(payload(6 * MiB, seed=12))  # one part sent, then the writer is abandoned
+            (pending,) = await storage.list_pending_uploads()
+            assert pending.key == "abandoned"
+            await storage.abort_pending_upload(pending)
+            await storage.abort_pending_upload(pending)  # already gone: a no-op
+            assert await storage.list_pending_uploads() == []
         assert await storage.head("abandoned") is None
+
+    async def test_writer_whose_upload_vanished_fails_with_storage_error(
+        self, storage: S3Storage, shared_root: tuple[Any, S3Storage]
+    ) -> None:
+        # moto answers the orphaned CompleteMultipartUpload with a 500 (a KeyError inside
+        # moto); real S3 and MinIO answer 404 NoSuchUpload, which must not read as
+        # "the object does not exist" either
+        client, _ = shared_root
+        budget = ByteBudget(10 * MiB)
+        with pytest.raises(StorageError) as raised:
+            async with storage.writer("vanished", budget=budget) as writer:
+                await writer.write(payload(5 * MiB, seed=15))  # exactly one part, sent in the background
+                (pending,) = await storage.list_pending_uploads()
+                await _wait_for_parts(client, storage, pending, 1)
+                await storage.abort_pending_upload(pending)  # e.g. a lifecycle rule or an operator
+                await writer.commit()
+        assert not isinstance(raised.value, CheckpointNotFoundError), repr(raised.value)
+        assert budget.in_use == 0
+        assert await storage.head("vanished") is None
+        assert await storage.list_pending_uploads() == []
 
     async def test_missing_bucket_is_a_storage_error(self, s3_options: dict[str, Any]) -> None:
         async with S3Storage(f"missing-{uuid.uuid4().hex[:12]}", "p", options=s3_options) as storage:
@@ -101,12 +147,22 @@ class TestS3Storage(StorageConformance):
                 await storage.get("key")
             assert info.value.code == "NoSuchBucket"
 
-    async def test_closed_storage_raises_storage_error(self, s3_bucket: str, s3_options: dict[str, Any]) -> None:
-        storage = S3Storage(s3_bucket, options=s3_options)
+    async def test_closed_storage_raises_storage_error(self, storage: S3Storage, s3_options: dict[str, Any]) -> None:
+        other = S3Storage(storage.bucket, "some/prefix", options=s3_options)
         with pytest.raises(StorageError):
-            await storage.get("key")
-        await storage.open()
-        await storage.close()
-        await storage.close()  # twice is fine
+            await other.get("key")  # never opened
+        await other.open()
+        await other.close()
+        await other.close()  # twice is fine
         with pytest.raises(StorageError):
-            await storage.put("key", b"x")
+            await other.put("key", b"x")
+
+
+async def _wait_for_parts(client: Any, storage: S3Storage, upload: PendingUpload, count: int) -> None:
+    """Wait until ``count`` parts of ``upload`` have landed on the server."""
+    for _ in range(500):
+        response = await client.list_parts(Bucket=storage.bucket, Key=f"{storage.prefix}/{upload.key}", UploadId=upload.upload_id)
+        if len(response.get("Parts", [])) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} part(s) of {upload.key} never landed")

@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import aioboto3
 from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.loaders import Loader, create_loader
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -70,7 +72,7 @@ S3_OPTION_NAMES = frozenset(
 _THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
 _POOL_MAX_BUFFERS = 4  # warm part buffers kept between uploads (at most 4 parts' worth of RSS)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED = {
     "AccessDenied",
@@ -90,6 +92,21 @@ _BODY_ERRORS = (
     asyncio.TimeoutError,
     ConnectionError,
 )
+
+
+_shared_loader: Loader | None = None
+
+
+def _new_botocore_session() -> AioSession:
+    """A fresh session (own credentials and config) sharing one botocore data loader,
+    which caches the parsed service models: a client then opens in milliseconds
+    instead of re-reading botocore's JSON every time."""
+    global _shared_loader
+    if _shared_loader is None:
+        _shared_loader = create_loader()
+    session = get_session()
+    session.register_component("data_loader", _shared_loader)
+    return session
 
 
 def validate_bucket(bucket: str) -> str:
@@ -197,7 +214,7 @@ class S3Storage(Storage):
         )
         stack = contextlib.AsyncExitStack()
         try:
-            session = aioboto3.Session(**session_kwargs)
+            session = aioboto3.Session(botocore_session=_new_botocore_session(), **session_kwargs)
             self._client = await stack.enter_async_context(session.client("s3", config=aio_config, **client_kwargs))
         except asyncio.CancelledError:
             await stack.aclose()
@@ -408,10 +425,11 @@ class S3Storage(Storage):
             kwargs.update(KeyMarker=response.get("NextKeyMarker"), UploadIdMarker=response.get("NextUploadIdMarker"))
 
     async def abort_pending_upload(self, upload: PendingUpload) -> None:
-        with contextlib.suppress(CheckpointNotFoundError):
-            await self._call(
-                "abort_multipart_upload", upload.key, Key=self._key(upload.key), UploadId=upload.upload_id
-            )
+        try:
+            await self._call("abort_multipart_upload", upload.key, Key=self._key(upload.key), UploadId=upload.upload_id)
+        except StorageError as exc:
+            if exc.code != "NoSuchUpload":  # already gone: what we wanted
+                raise
 
     # -- part buffers -------------------------------------------------------------------
 

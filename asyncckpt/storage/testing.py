@@ -10,6 +10,8 @@ that yields an *opened* storage on an *empty* root::
                 yield storage
 
 The tests are ``async def`` and expect pytest-asyncio in ``asyncio_mode = "auto"``.
+The fixture may hand the same opened storage to several tests (to save the cost of
+opening a client) as long as the root is empty again before each test.
 A fixture that also places objects *next to* the root (a sibling prefix or directory)
 makes the isolation checks meaningful: nothing outside the root may ever be listed.
 A backend with multipart uploads should be configured with a small part size (5 MiB on
