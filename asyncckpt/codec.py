@@ -50,6 +50,7 @@ __all__ = [
     "encode_blob",
     "encode_blobs",
     "shard_header",
+    "shard_size_bound",
     "shard_trailer",
     "parse_trailer",
     "parse_index",
@@ -306,6 +307,17 @@ def shard_trailer(index: Mapping[str, BlobEntry], index_offset: int) -> bytes:
     """The msgpack index followed by the fixed-size trailer."""
     body = msgpack.packb({name: entry.to_json() for name, entry in index.items()})
     return body + _TRAILER.pack(index_offset, len(body), checksum(body), TRAILER_MAGIC)
+
+
+def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob]) -> int:
+    """An upper bound of the shard's size, known before any byte is written (the
+    index is measured with the widest CRC32C encoding)."""
+    offset = len(header)
+    widest: dict[str, BlobEntry] = {}
+    for blob in blobs:
+        widest[blob.name] = blob.entry(offset, 0xFFFFFFFF)
+        offset += blob.length
+    return offset + len(shard_trailer(widest, offset))
 
 
 # --------------------------------------------------------------------------- decode

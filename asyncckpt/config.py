@@ -40,7 +40,7 @@ class TransferConfig:
 
     max_concurrency: int = 8
     max_nodes_in_flight: int = 4
-    max_bytes_in_flight: int = 256 * MiB
+    max_bytes_in_flight: int = 80 * MiB
     part_size: int = 16 * MiB
     range_size: int = 64 * MiB
     checksum_mode: str = "when_required"

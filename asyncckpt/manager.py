@@ -518,12 +518,18 @@ class MultiNodeCheckpointManager:
         workspaces = self._require_init("save_async()")
         await self._wait_inflight()
         await self._ensure_open()
-        if await self._storage.exists(layout.manifest_key(epoch)):
-            raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
         staging = self._staging_free.pop() if self._staging_free else {}
         current = {node: dict(ws) for node, ws in workspaces.items()}
         try:
-            encoded = await asyncio.to_thread(_snapshot_encode_all, current, staging)
+            # the copy (a worker thread) and the already-committed probe overlap
+            encoded, committed = await run_all(
+                (
+                    asyncio.to_thread(_snapshot_encode_all, current, staging),
+                    self._storage.exists(layout.manifest_key(epoch)),
+                )
+            )
+            if committed:
+                raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
         except BaseException:
             self._staging_free.append(staging)
             raise
@@ -665,7 +671,7 @@ class MultiNodeCheckpointManager:
                 return None, await self._manifest_from_receipts(epoch, writer_id, local, listing.receipts)
             now = time.perf_counter()
             await asyncio.sleep(min(delay, max(deadline - now, 0.0)) if now < deadline else delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.5, 0.25)
 
     async def _decide(self, key: str, decision: bytes) -> bytes:
         """Write ``decision`` create-only; returns the decision that stands."""

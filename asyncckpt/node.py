@@ -19,13 +19,14 @@ from . import codec
 from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError
+from .errors import CheckpointCorruptedError, CheckpointNotFoundError, StorageError
 from .manifest import NodeRecord, NodeStats
 from .storage.base import ByteBudget, Storage, collect_request_stats
 
 __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
+_SHORT_READ_CODES = frozenset({"ShortRead", "InvalidRange"})  # the object is shorter than asked
 
 
 def _checksum_both(view: memoryview, shard_crc: int) -> tuple[int, int]:
@@ -55,8 +56,9 @@ class ShardWriter:
         started = time.perf_counter()
         with collect_request_stats() as stats:
             index: dict[str, BlobEntry] = {}
-            async with self.storage.writer(shard_key, budget=self.budget) as out:
-                header = codec.shard_header(self.node)
+            header = codec.shard_header(self.node)
+            size_hint = codec.shard_size_bound(header, encoded)
+            async with self.storage.writer(shard_key, budget=self.budget, size_hint=size_hint) as out:
                 await out.write(header)
                 shard_crc = codec.checksum(header)
                 offset = len(header)
@@ -131,6 +133,12 @@ class ShardReader:
             )
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
+        except StorageError as exc:
+            if exc.code in _SHORT_READ_CODES:
+                raise CheckpointCorruptedError(
+                    f"{self._where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
+                ) from None
+            raise
         return buffer
 
     async def _check_size(self) -> None:
@@ -147,8 +155,11 @@ class ShardReader:
             )
 
     async def read_all(self) -> dict[str, Any]:
-        """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
-        await self._check_size()
+        """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index).
+
+        No HEAD first: a shorter object fails the read, a longer or replaced one fails
+        the trailer and checksum checks.
+        """
         data = await self._fetch(0, self.record.size)
         return await asyncio.to_thread(self._verify_and_decode, data)
 

@@ -284,8 +284,12 @@ class Storage(ABC):
         """Store ``data`` under ``key``; with ``create_only`` never replace an existing object."""
 
     @abstractmethod
-    def writer(self, key: str, *, budget: ByteBudget | None = None) -> ObjectWriter:
-        """A streaming writer for a (possibly large) object; ``budget`` bounds its buffers."""
+    def writer(self, key: str, *, budget: ByteBudget | None = None, size_hint: int | None = None) -> ObjectWriter:
+        """A streaming writer for a (possibly large) object; ``budget`` bounds its buffers.
+
+        ``size_hint``, an upper bound of the final size when the caller knows it, lets
+        a backend plan its parts (no tiny last part).
+        """
 
     @abstractmethod
     async def delete(self, keys: Iterable[str]) -> None:

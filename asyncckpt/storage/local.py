@@ -173,7 +173,7 @@ class LocalStorage(Storage):
             await writer.write(data)
             await writer.commit()
 
-    def writer(self, key: str, *, budget: ByteBudget | None = None) -> ObjectWriter:
+    def writer(self, key: str, *, budget: ByteBudget | None = None, size_hint: int | None = None) -> ObjectWriter:
         return _LocalWriter(self, key)
 
     async def delete(self, keys: Iterable[str]) -> None:

@@ -108,7 +108,7 @@ class MemoryStorage(Storage):
                 raise CheckpointConflictError(f"{self.url_of(key)} already exists")
             self._store.objects[full] = (payload, time.time())
 
-    def writer(self, key: str, *, budget: ByteBudget | None = None) -> ObjectWriter:
+    def writer(self, key: str, *, budget: ByteBudget | None = None, size_hint: int | None = None) -> ObjectWriter:
         return _MemoryWriter(self, key)
 
     async def delete(self, keys: Iterable[str]) -> None:

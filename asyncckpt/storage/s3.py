@@ -323,7 +323,10 @@ class S3Storage(Storage):
                     record_request(retries=retries + (1 if attempts else 0), received=received)
             done = pos == end if end is not None else error is None
             if error is None and end is not None and not done:
-                error = StorageError(f"{url}: object ended at byte {pos}, before {end}", key=key, code="ShortRead")
+                short = StorageError(f"{url}: object ended at byte {pos}, before {end}", key=key, code="ShortRead")
+                if received == int(response.get("ContentLength", -1)):
+                    raise short  # a complete response: the object is shorter, retrying cannot help
+                error = short
             if error is None:
                 return b"".join(chunks) if buffer is None else None
             attempts += 1
@@ -384,8 +387,8 @@ class S3Storage(Storage):
             kwargs["IfNoneMatch"] = "*"
         await self._call("put_object", key, sent=len(body), written=1, **kwargs)
 
-    def writer(self, key: str, *, budget: ByteBudget | None = None) -> ObjectWriter:
-        return _S3Writer(self, key, budget)
+    def writer(self, key: str, *, budget: ByteBudget | None = None, size_hint: int | None = None) -> ObjectWriter:
+        return _S3Writer(self, key, budget, size_hint)
 
     async def delete(self, keys: Iterable[str]) -> None:
         full = [self._key(k) for k in keys]
@@ -433,12 +436,18 @@ class S3Storage(Storage):
 
     # -- part buffers -------------------------------------------------------------------
 
+    @property
+    def _part_capacity(self) -> int:
+        """Room in a part buffer: a part plus the small rest a last part may absorb.
+        Pooled buffers are never resized (a request body may still view them)."""
+        return self.config.part_size + self.config.part_size // 4
+
     def _take_part_buffer(self) -> bytearray:
-        return self._part_pool.pop() if self._part_pool else bytearray(self.config.part_size)
+        return self._part_pool.pop() if self._part_pool else bytearray(self._part_capacity)
 
     def _give_part_buffer(self, buf: bytearray) -> None:
-        keep = max(1, min(_POOL_MAX_BUFFERS, self.config.max_bytes_in_flight // self.config.part_size))
-        if len(buf) == self.config.part_size and len(self._part_pool) < keep:
+        keep = max(1, min(_POOL_MAX_BUFFERS, self.config.max_bytes_in_flight // self._part_capacity))
+        if len(buf) == self._part_capacity and len(self._part_pool) < keep:
             self._part_pool.append(buf)
 
 
@@ -450,8 +459,10 @@ class _S3Writer(ObjectWriter):
     request limit. Nothing is visible until :meth:`commit` completes the upload.
     """
 
-    def __init__(self, storage: S3Storage, key: str, budget: ByteBudget | None):
+    def __init__(self, storage: S3Storage, key: str, budget: ByteBudget | None, size_hint: int | None = None):
         self.key = key
+        self._size_hint = size_hint
+        self._absorbing = False  # the last part takes the small rest instead of a tiny extra part
         self._storage = storage
         self._full_key = storage._key(key)
         self._budget = budget or ByteBudget(storage.config.max_bytes_in_flight)
@@ -468,7 +479,7 @@ class _S3Writer(ObjectWriter):
         self._creating: asyncio.Future[Any] | None = None
 
     async def _new_buffer(self) -> None:
-        await self._budget.acquire(self._part_size)
+        await self._budget.acquire(self._storage._part_capacity)
         # The first part grows with the data, so a small object never pays for a
         # part-sized buffer; later parts reuse warm pooled buffers.
         self._growing = self._next_part == 1
@@ -483,7 +494,8 @@ class _S3Writer(ObjectWriter):
             if self._buf is None:
                 await self._new_buffer()
             assert self._buf is not None
-            n = min(view.nbytes, self._part_size - self._fill)
+            limit = self._storage._part_capacity if self._absorbing else self._part_size
+            n = min(view.nbytes, limit - self._fill)
             if n >= _THREAD_COPY_MIN:
                 await asyncio.to_thread(_copy_into, self._buf, self._fill, view[:n])
             else:
@@ -491,7 +503,14 @@ class _S3Writer(ObjectWriter):
             self._fill += n
             self._size += n
             view = view[n:]
-            if self._fill == self._part_size:
+            if self._fill == self._part_size and not self._absorbing:
+                rest = (self._size_hint or 0) - self._size
+                if 0 < rest <= self._part_size // 4:
+                    self._absorbing = True  # what is left joins this part: no tiny last part
+                else:
+                    await self._flush_part()
+            elif self._fill == limit:
+                self._absorbing = False  # the hint was too small: carry on part by part
                 await self._flush_part()
             self._raise_failed_part()
 
@@ -524,7 +543,7 @@ class _S3Writer(ObjectWriter):
 
     def _release_part(self, buf: bytearray) -> None:
         self._storage._give_part_buffer(buf)
-        self._budget.release(self._part_size)
+        self._budget.release(self._storage._part_capacity)
 
     async def _upload_part(self, number: int, buf: bytearray, fill: int) -> None:
         body = _BufferBody(memoryview(buf)[:fill])
@@ -551,10 +570,11 @@ class _S3Writer(ObjectWriter):
             raise StorageError(f"{self._storage.url_of(self.key)}: commit after commit/abort", key=self.key)
         try:
             if self._upload_id is None:
-                # small object: one PUT of whatever is buffered
-                body = self._buf[: self._fill] if self._buf is not None else b""
+                # small object: one PUT of whatever is buffered (the buffer is released
+                # once the request is done with it)
+                buf = self._buf if self._buf is not None else bytearray()
+                await self._storage.put(self.key, memoryview(buf)[: self._fill])
                 self._release_current()
-                await self._storage.put(self.key, body)
             else:
                 if self._fill:
                     await self._flush_part()
@@ -576,9 +596,8 @@ class _S3Writer(ObjectWriter):
 
     def _release_current(self) -> None:
         if self._buf is not None:
-            self._storage._give_part_buffer(self._buf)
+            self._release_part(self._buf)
             self._buf = None
-            self._budget.release(self._part_size)
 
     async def abort(self) -> None:
         if self._closed:
