@@ -20,7 +20,13 @@ from .errors import (
     StorageError,
 )
 from .launcher import JobIdentity, job_from_env, split_nodes
-from .manager import ACTIONS, GcReport, MetadataHandler, MultiNodeCheckpointManager, SaveHandle
+from .manager import (
+    ACTIONS,
+    GcReport,
+    MetadataHandler,
+    MultiNodeCheckpointManager,
+    SaveHandle,
+)
 from .manifest import EpochManifest, NodeRecord, NodeStats
 
 __version__ = "0.1.0"

@@ -32,9 +32,7 @@ async def run_all(aws: Iterable[Awaitable[T]]) -> list[T]:
     return [task.result() for task in tasks]
 
 
-async def settle_all(
-    named: dict[str, Awaitable[T]], limit: int
-) -> tuple[dict[str, T], dict[str, BaseException]]:
+async def settle_all(named: dict[str, Awaitable[T]], limit: int) -> tuple[dict[str, T], dict[str, BaseException]]:
     """Run named awaitables, at most ``limit`` at once, letting each finish or fail on its own.
 
     Returns (results, failures). ``CancelledError`` of the caller propagates (and cancels

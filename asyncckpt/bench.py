@@ -384,7 +384,9 @@ def _bare_index(layout: Sequence[BlobSpec], prefix: str) -> dict[str, Any]:
     """What a bare implementation stores next to the node objects to decode them."""
     nodes: dict[str, Any] = {}
     for blob in layout:
-        entry = nodes.setdefault(blob.node, {"key": f"{prefix}/{blob.node}.bin", "blobs": {}, "scalars": SCALARS, "size": 0})
+        entry = nodes.setdefault(
+            blob.node, {"key": f"{prefix}/{blob.node}.bin", "blobs": {}, "scalars": SCALARS, "size": 0}
+        )
         entry["blobs"][blob.name] = [entry["size"], blob.dtype, blob.count]
         entry["size"] += blob.nbytes
     return {"nodes": nodes}
@@ -402,7 +404,9 @@ def _decode_bare(index: Mapping[str, Any], bodies: Mapping[str, Any]) -> dict[st
     return out
 
 
-def _verify(state: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Any], wanted: Sequence[BlobSpec]) -> str | None:
+def _verify(
+    state: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Any], wanted: Sequence[BlobSpec]
+) -> str | None:
     """``None`` when every wanted blob (and each node's scalars) matches, else what is wrong."""
     for blob in wanted:
         arr = state.get(blob.node, {}).get(blob.name)
@@ -519,7 +523,9 @@ async def op_aio_save(ctx: ChildContext) -> dict[str, Any]:
     state = build_state(ctx.layout)
     index = _bare_index(ctx.layout, ctx.args.prefix)
     part = ctx.baseline_part_size()
-    tcfg = S3TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=ctx.baseline_concurrency())
+    tcfg = S3TransferConfig(
+        multipart_threshold=part, multipart_chunksize=part, max_concurrency=ctx.baseline_concurrency()
+    )
     bucket = ctx.args.bucket
     async with _aio_client(ctx) as client:
         ctx.meter.start()
@@ -529,7 +535,9 @@ async def op_aio_save(ctx: ChildContext) -> dict[str, Any]:
             )
             for node, entry in index["nodes"].items()
         ]
-        uploads.append(client.put_object(Bucket=bucket, Key=f"{ctx.args.prefix}/index.json", Body=json.dumps(index).encode()))
+        uploads.append(
+            client.put_object(Bucket=bucket, Key=f"{ctx.args.prefix}/index.json", Body=json.dumps(index).encode())
+        )
         await asyncio.gather(*uploads)
         ctx.meter.stop()
     return {"bytes": ctx.state_bytes, "part_size": part}
@@ -565,7 +573,9 @@ def _s3t(ctx: ChildContext) -> tuple[Any, Any]:
         "s3", endpoint_url=ctx.args.endpoint, region_name=REGION, config=Config(s3={"addressing_style": "path"})
     )
     part = ctx.baseline_part_size()
-    tcfg = S3TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=ctx.baseline_concurrency())
+    tcfg = S3TransferConfig(
+        multipart_threshold=part, multipart_chunksize=part, max_concurrency=ctx.baseline_concurrency()
+    )
     return client, create_transfer_manager(client, tcfg)
 
 
@@ -776,7 +786,9 @@ CHILD_OPS: dict[str, Callable[[ChildContext], Any]] = {
 
 
 def _child_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m asyncckpt.bench", description="Run ONE measured op; print one JSON line.")
+    p = argparse.ArgumentParser(
+        prog="python -m asyncckpt.bench", description="Run ONE measured op; print one JSON line."
+    )
     p.add_argument("--child", required=True, choices=sorted(CHILD_OPS))
     p.add_argument("--endpoint", default=None)
     p.add_argument("--bucket", default=BUCKET)
@@ -831,9 +843,7 @@ def _free_port() -> int:
 
 
 def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_ENV_PREFIXES) and k not in _SCRUBBED_ENV
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_ENV_PREFIXES) and k not in _SCRUBBED_ENV}
     env.update(TEST_CREDENTIALS)
     env["AWS_CONFIG_FILE"] = os.devnull
     env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
@@ -862,7 +872,11 @@ class MotoServer:
 
     def start(self, timeout: float = 20.0) -> None:
         exe = Path(sys.executable).with_name("moto_server")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from moto.server import main; sys.exit(main())"]
+        cmd = (
+            [str(exe)]
+            if exe.exists()
+            else [sys.executable, "-c", "import sys; from moto.server import main; sys.exit(main())"]
+        )
         tmp = self.workdir / "moto-tmp"
         tmp.mkdir(exist_ok=True)
         self.port = _free_port()
@@ -878,7 +892,9 @@ class MotoServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"moto_server exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
+                )
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
                 return
             time.sleep(0.1)
@@ -958,7 +974,14 @@ class BenchParams:
     op_timeout_s: float = DEFAULT_OP_TIMEOUT_S
 
     def child_args(self) -> list[str]:
-        out = ["--state-mib", str(self.state_mib), "--nodes", str(self.nodes), "--blobs-per-node", str(self.blobs_per_node)]
+        out = [
+            "--state-mib",
+            str(self.state_mib),
+            "--nodes",
+            str(self.nodes),
+            "--blobs-per-node",
+            str(self.blobs_per_node),
+        ]
         for flag, value in (
             ("--part-size-mib", self.part_size_mib),
             ("--range-size-mib", self.range_size_mib),
@@ -1142,9 +1165,19 @@ def evaluate_targets(rows: Mapping[str, Mapping[str, Any]], state_bytes: int) ->
     partial_moved = get("ckpt_partial", "received_bytes")
     partial_requested = get("ckpt_partial", "requested_bytes")
     targets = [
-        ("save wall <= 1.05x bare aioboto3 multipart", _ratio(get("ckpt_save", "wall_s"), get("aio_save", "wall_s")), 1.05, "x"),
+        (
+            "save wall <= 1.05x bare aioboto3 multipart",
+            _ratio(get("ckpt_save", "wall_s"), get("aio_save", "wall_s")),
+            1.05,
+            "x",
+        ),
         ("save wall <= 0.8x s3transfer", _ratio(get("ckpt_save", "wall_s"), get("s3t_save", "wall_s")), 0.8, "x"),
-        ("load wall <= 0.8x bare aioboto3 get_object+read()", _ratio(get("ckpt_load", "wall_s"), get("aio_load", "wall_s")), 0.8, "x"),
+        (
+            "load wall <= 0.8x bare aioboto3 get_object+read()",
+            _ratio(get("ckpt_load", "wall_s"), get("aio_load", "wall_s")),
+            0.8,
+            "x",
+        ),
         (
             "save client CPU s/GB <= 0.5x bare aioboto3",
             _ratio(get("ckpt_save", "cpu_s_per_gb"), get("aio_save", "cpu_s_per_gb")),
@@ -1163,8 +1196,18 @@ def evaluate_targets(rows: Mapping[str, Mapping[str, Any]], state_bytes: int) ->
             1.5,
             "x",
         ),
-        (f"peak RSS during save <= state + 256 MiB ({rss_limit:.0f} MiB)", get("ckpt_save", "peak_rss_mib"), rss_limit, "MiB"),
-        (f"peak RSS during load <= state + 256 MiB ({rss_limit:.0f} MiB)", get("ckpt_load", "peak_rss_mib"), rss_limit, "MiB"),
+        (
+            f"peak RSS during save <= state + 256 MiB ({rss_limit:.0f} MiB)",
+            get("ckpt_save", "peak_rss_mib"),
+            rss_limit,
+            "MiB",
+        ),
+        (
+            f"peak RSS during load <= state + 256 MiB ({rss_limit:.0f} MiB)",
+            get("ckpt_load", "peak_rss_mib"),
+            rss_limit,
+            "MiB",
+        ),
         ("partial load (10% of blobs) moves <= 1.05x their bytes", _ratio(partial_moved, partial_requested), 1.05, "x"),
     ]
     out = []
@@ -1238,7 +1281,13 @@ def table_rows(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         out.append(cells)
         if name == "ckpt_save_async" and row.get("blocking_s") is not None:
             out.append(
-                [f"{name}: blocking (until save_async returns)", str(row["n"]), f"{row['blocking_s']:.3f}", "", _fmt(row["blocking_cpu_s"])]
+                [
+                    f"{name}: blocking (until save_async returns)",
+                    str(row["n"]),
+                    f"{row['blocking_s']:.3f}",
+                    "",
+                    _fmt(row["blocking_cpu_s"]),
+                ]
                 + [""] * (len(TABLE_COLUMNS) - 5)
             )
         if name == "ckpt_save_async" and row.get("second_blocking_s") is not None:
@@ -1254,7 +1303,12 @@ def table_rows(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         if name == "memcpy" and row.get("warm_copyto_s") is not None:
             warm = row["warm_copyto_s"]
             out.append(
-                ["memcpy: warm np.copyto (reference)", str(row["n"]), f"{warm:.3f}", _fmt(row["bytes"] / warm / 1e6, ".0f")]
+                [
+                    "memcpy: warm np.copyto (reference)",
+                    str(row["n"]),
+                    f"{warm:.3f}",
+                    _fmt(row["bytes"] / warm / 1e6, ".0f"),
+                ]
                 + [""] * (len(TABLE_COLUMNS) - 4)
             )
     return out
@@ -1393,7 +1447,9 @@ def run_bench(
         meta["endpoint"] = moto.endpoint
         admin = _admin_client(moto.endpoint)
         admin.create_bucket(Bucket=BUCKET)
-        console.print(f"moto_server pid {moto.pid} on {moto.endpoint}; state {state_bytes / MiB:.1f} MiB", highlight=False)
+        console.print(
+            f"moto_server pid {moto.pid} on {moto.endpoint}; state {state_bytes / MiB:.1f} MiB", highlight=False
+        )
         prep = _run_child("prep", "prep", params, moto, expected, max(op_timeout_s, 60))
         if prep.get("status") != "ok":
             raise RuntimeError(f"could not build the state: {prep.get('error')}")
@@ -1483,7 +1539,11 @@ def _progress_line(rep: int, reps: int, r: Mapping[str, Any]) -> str:
 
 
 def _machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     with contextlib.suppress(OSError):
         info["loadavg"] = os.getloadavg()
     return info
@@ -1503,21 +1563,85 @@ def _versions() -> dict[str, str]:
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state-mib", type=click.FloatRange(min=0, min_open=True), default=None, help="State size in MiB.  [default: 192; --quick: 32]")
+@click.option(
+    "--state-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="State size in MiB.  [default: 192; --quick: 32]",
+)
 @click.option("--nodes", type=click.IntRange(min=1), default=4, show_default=True, help="Simulated nodes.")
-@click.option("--blobs-per-node", type=click.IntRange(min=1), default=8, show_default=True, help="Arrays per node (float32/float64).")
-@click.option("--reps", type=click.IntRange(min=1), default=None, help="Repetitions (medians are shown).  [default: 3; --quick: 1]")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every measurement, the medians, ratios and targets here.")
+@click.option(
+    "--blobs-per-node",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Arrays per node (float32/float64).",
+)
+@click.option(
+    "--reps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Repetitions (medians are shown).  [default: 3; --quick: 1]",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write every measurement, the medians, ratios and targets here.",
+)
 @click.option("--quick", is_flag=True, help="A small, fast run: 32 MiB and 1 repetition (explicit options win).")
-@click.option("--part-size-mib", type=click.FloatRange(min=5), default=None, help="asyncckpt TransferConfig.part_size (also the baselines' part size).  [default: TransferConfig's]")
-@click.option("--range-size-mib", type=click.FloatRange(min=0, min_open=True), default=None, help="asyncckpt TransferConfig.range_size.")
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=None, help="asyncckpt TransferConfig.max_concurrency (also the baselines').")
-@click.option("--max-bytes-in-flight-mib", type=click.FloatRange(min=0, min_open=True), default=None, help="asyncckpt TransferConfig.max_bytes_in_flight.")
-@click.option("--checksum-mode", type=click.Choice(["when_required", "when_supported"]), default=None, help="asyncckpt TransferConfig.checksum_mode.")
+@click.option(
+    "--part-size-mib",
+    type=click.FloatRange(min=5),
+    default=None,
+    help="asyncckpt TransferConfig.part_size (also the baselines' part size).  [default: TransferConfig's]",
+)
+@click.option(
+    "--range-size-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="asyncckpt TransferConfig.range_size.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="asyncckpt TransferConfig.max_concurrency (also the baselines').",
+)
+@click.option(
+    "--max-bytes-in-flight-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="asyncckpt TransferConfig.max_bytes_in_flight.",
+)
+@click.option(
+    "--checksum-mode",
+    type=click.Choice(["when_required", "when_supported"]),
+    default=None,
+    help="asyncckpt TransferConfig.checksum_mode.",
+)
 @click.option("--payload-signing/--no-payload-signing", default=None, help="asyncckpt TransferConfig.payload_signing.")
-@click.option("--baseline-part-size-mib", type=click.FloatRange(min=5), default=None, help="Part size of the aioboto3/s3transfer baselines.  [default: asyncckpt's part size]")
-@click.option("--budget-s", type=click.FloatRange(min=1), default=DEFAULT_BUDGET_S, show_default=True, help="Total time budget; past it the remaining measurements are skipped.")
-@click.option("--op-timeout-s", type=click.FloatRange(min=1), default=DEFAULT_OP_TIMEOUT_S, show_default=True, help="Timeout of one measured operation.")
+@click.option(
+    "--baseline-part-size-mib",
+    type=click.FloatRange(min=5),
+    default=None,
+    help="Part size of the aioboto3/s3transfer baselines.  [default: asyncckpt's part size]",
+)
+@click.option(
+    "--budget-s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_BUDGET_S,
+    show_default=True,
+    help="Total time budget; past it the remaining measurements are skipped.",
+)
+@click.option(
+    "--op-timeout-s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_OP_TIMEOUT_S,
+    show_default=True,
+    help="Timeout of one measured operation.",
+)
 def bench_command(
     state_mib: float | None,
     nodes: int,

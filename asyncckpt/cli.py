@@ -19,7 +19,7 @@ import asyncio
 import re
 import secrets
 from collections.abc import Callable, Coroutine
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -143,7 +143,9 @@ def existing_location_options(location: str, endpoint_url: str | None, command: 
     except ValueError as exc:
         fail(f"invalid location: {exc}")
     if kind == "memory":
-        fail(f"{location}: a memory:// location lives inside one process; `asyncckpt {command}` needs s3:// or a directory")
+        fail(
+            f"{location}: a memory:// location lives inside one process; `asyncckpt {command}` needs s3:// or a directory"
+        )
     if kind == "file" and Path(where).expanduser().exists() and not Path(where).expanduser().is_dir():
         fail(f"{location}: not a directory")
     return storage_options_for(location, endpoint_url)
@@ -164,7 +166,9 @@ class Duration(click.ParamType):
             match = self._SYNTAX.fullmatch(str(value).strip())
             if match is not None:
                 return float(match[1]) * self.UNITS[match[2].lower()]
-        self.fail(f"{value!r} is not a duration: use seconds, or a number with s, m, h or d (90s, 30m, 1h, 2d)", param, ctx)
+        self.fail(
+            f"{value!r} is not a duration: use seconds, or a number with s, m, h or d (90s, 30m, 1h, 2d)", param, ctx
+        )
 
 
 def format_duration(seconds: float) -> str:
@@ -282,7 +286,9 @@ def demo(
     if crash_after >= epochs:
         raise click.BadParameter(f"must be below --epochs ({epochs})", param_hint="'--crash-after'")
     if url is None and endpoint_url is not None:
-        raise click.UsageError("--endpoint-url needs --url s3://bucket/prefix (without --url the demo starts its own S3 server)")
+        raise click.UsageError(
+            "--endpoint-url needs --url s3://bucket/prefix (without --url the demo starts its own S3 server)"
+        )
     if processes > nodes:
         raise click.BadParameter(f"must be between 1 and --nodes ({nodes})", param_hint="'--processes'")
     if processes > 1 and url is not None and parse_location(url)[0] == "memory":
@@ -291,7 +297,10 @@ def demo(
             param_hint="'--url'",
         )
     config = make_transfer_config(part_size_mib, checksum_mode)
-    from .demo import run_demo, run_multiprocess_demo  # numpy work lives there; keep `asyncckpt --help` quick
+    from .demo import (  # numpy work lives there; keep `asyncckpt --help` quick
+        run_demo,
+        run_multiprocess_demo,
+    )
 
     def run(location: str, options: dict[str, Any]) -> bool:
         if processes == 1:
@@ -358,7 +367,10 @@ def ls(location: str, endpoint_url: str | None) -> None:
         console.print(f"no committed epoch in {escape(location)}")
         return
     table = Table(
-        title=f"committed epochs in {escape(location)}", title_justify="left", title_style="bold", header_style="bold cyan"
+        title=f"committed epochs in {escape(location)}",
+        title_justify="left",
+        title_style="bold",
+        header_style="bold cyan",
     )
     table.add_column("epoch", justify="right")
     table.add_column("nodes", justify="right")
@@ -368,7 +380,7 @@ def ls(location: str, endpoint_url: str | None) -> None:
     table.add_column("")
     latest = manifests[-1].epoch
     for manifest in manifests:
-        created = datetime.fromtimestamp(manifest.created_unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        created = datetime.fromtimestamp(manifest.created_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(
             str(manifest.epoch),
             str(len(manifest.nodes)),
@@ -471,7 +483,9 @@ def gc(location: str, grace: float, dry_run: bool, endpoint_url: str | None) -> 
             f"[yellow]skipped {'epoch' if len(report.skipped_epochs) == 1 else 'epochs'} {epochs}[/]: "
             "the manifest exists but does not parse; left untouched"
         )
-    garbage = [_count(n, noun) for n, noun in ((len(report.deleted), "object"), (len(report.aborted_uploads), "upload")) if n]
+    garbage = [
+        _count(n, noun) for n, noun in ((len(report.deleted), "object"), (len(report.aborted_uploads), "upload")) if n
+    ]
     if not garbage:
         console.print("[green]✓[/] nothing to delete")
     elif dry_run:

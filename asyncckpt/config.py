@@ -65,8 +65,12 @@ class TransferConfig:
                 f"TransferConfig.max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least part_size ({self.part_size})"
             )
         if self.checksum_mode not in ("when_required", "when_supported"):
-            raise ValueError(f"TransferConfig.checksum_mode must be 'when_required' or 'when_supported', got {self.checksum_mode!r}")
+            raise ValueError(
+                f"TransferConfig.checksum_mode must be 'when_required' or 'when_supported', got {self.checksum_mode!r}"
+            )
         if self.retry_mode not in ("legacy", "standard", "adaptive"):
-            raise ValueError(f"TransferConfig.retry_mode must be 'legacy', 'standard' or 'adaptive', got {self.retry_mode!r}")
+            raise ValueError(
+                f"TransferConfig.retry_mode must be 'legacy', 'standard' or 'adaptive', got {self.retry_mode!r}"
+            )
         if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.commit_timeout <= 0:
             raise ValueError("TransferConfig timeouts must be positive")

@@ -44,7 +44,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import MiB, TransferConfig
-from .errors import CheckpointConflictError, CheckpointError, CheckpointNotFoundError, CheckpointTimeoutError
+from .errors import (
+    CheckpointConflictError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointTimeoutError,
+)
 from .launcher import job_from_env, split_nodes
 from .manager import MultiNodeCheckpointManager
 
@@ -565,7 +570,9 @@ class _Wave:
                 if got_kind == kind:
                     got[rank] = payload
                 elif got_kind == "error":
-                    raise CheckpointError(f"{who} failed while awaiting {what}: {payload['type']}: {payload['message']}")
+                    raise CheckpointError(
+                        f"{who} failed while awaiting {what}: {payload['type']}: {payload['message']}"
+                    )
                 elif got_kind == "exit":
                     raise CheckpointError(f"{who} exited with code {payload['code']} while awaiting {what}")
                 else:
@@ -586,9 +593,7 @@ class _Wave:
             )
         watched: dict[Any, tuple[str, int]] = {self._conns[rank]: ("message", rank) for rank in self._open}
         watched.update({self.procs[rank].sentinel: ("exit", rank) for rank in self._running})
-        ready = await asyncio.to_thread(
-            multiprocessing.connection.wait, list(watched), min(remaining, _POLL_SECONDS)
-        )
+        ready = await asyncio.to_thread(multiprocessing.connection.wait, list(watched), min(remaining, _POLL_SECONDS))
         events = sorted((watched[obj] for obj in ready), key=lambda ev: ev[0] == "exit")  # messages first
         for event, rank in events:
             self._drain(rank)
@@ -803,7 +808,9 @@ async def run_multiprocess_demo(
             facts.add_row("slowest node", f"{load_stats.slowest_node} ({load_stats.slowest_seconds:.3f} s)")
             console.print(facts)
             diff = [p for r in resumed for p in r["problems"]]
-            diff += [f"... and {more} more in rank {rank}" for rank, r in enumerate(resumed) if (more := r["more_problems"])]
+            diff += [
+                f"... and {more} more in rank {rank}" for rank, r in enumerate(resumed) if (more := r["more_problems"])
+            ]
             compared_load = sum(r["compared"] for r in resumed)
             problems.extend(f"after load of epoch {resume}: {d}" for d in diff)
             _print_check(
@@ -915,7 +922,9 @@ def _print_header(
 ) -> None:
     console.print(f"[bold]asyncckpt demo[/]: a {nodes}-node training job that crashes and resumes")
     header = _facts()
-    header.add_row("job", f"{nodes} nodes × {mib_per_node:g} MiB of weights, {epochs} epochs, crash after epoch {crash_after}")
+    header.add_row(
+        "job", f"{nodes} nodes × {mib_per_node:g} MiB of weights, {epochs} epochs, crash after epoch {crash_after}"
+    )
     if processes > 1:
         header.add_row(
             "processes",

@@ -160,8 +160,11 @@ def _snapshot_encode_all(
             if isinstance(value, np.ndarray):
                 order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
                 buf = stage.get(name)
-                if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or (
-                    order == "F" and not buf.flags.f_contiguous
+                if (
+                    buf is None
+                    or buf.shape != value.shape
+                    or buf.dtype != value.dtype
+                    or (order == "F" and not buf.flags.f_contiguous)
                 ):
                     buf = np.empty(value.shape, value.dtype, order=order)
                     stage[name] = buf
@@ -877,7 +880,9 @@ class MultiNodeCheckpointManager:
             t0 = time.perf_counter()
             record = manifest.nodes[node]
             with collect_request_stats() as stats:
-                values = await ShardReader(self._storage, node, record, self._config).read_some(plan[node], checked=True)
+                values = await ShardReader(self._storage, node, record, self._config).read_some(
+                    plan[node], checked=True
+                )
             nbytes = sum(record.blobs[b].length for b in plan[node])
             return values, NodeStats(time.perf_counter() - t0, nbytes, 1, stats.requests, stats.retries)
 

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .codec import BlobEntry
@@ -102,7 +102,8 @@ class NodeRecord:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorruptedError(f"{where}: invalid record of node {node!r}: {exc}") from None
         blobs = {
-            str(name): BlobEntry.from_json(entry, f"{where} node {node!r} blob {name!r}") for name, entry in blobs_raw.items()
+            str(name): BlobEntry.from_json(entry, f"{where} node {node!r} blob {name!r}")
+            for name, entry in blobs_raw.items()
         }
         for name, entry in blobs.items():
             if entry.offset + entry.length > size:
@@ -110,7 +111,13 @@ class NodeRecord:
         return cls(node, shard, receipt, size, crc, blobs, NodeStats.from_json(raw.get("stats")))
 
     def receipt_json(self, epoch: int, writer_id: str) -> bytes:
-        body = {"format": RECEIPT_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch, "writer_id": writer_id, "node": self.node}
+        body = {
+            "format": RECEIPT_FORMAT,
+            "version": MANIFEST_VERSION,
+            "epoch": epoch,
+            "writer_id": writer_id,
+            "node": self.node,
+        }
         body.update(self.to_json())
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
@@ -141,7 +148,7 @@ class EpochManifest:
         return self.writer_id.partition(".")[0]
 
     def to_json(self) -> bytes:
-        created = datetime.fromtimestamp(self.created_unix, tz=timezone.utc).isoformat(timespec="milliseconds")
+        created = datetime.fromtimestamp(self.created_unix, tz=UTC).isoformat(timespec="milliseconds")
         body = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
@@ -165,7 +172,12 @@ class EpochManifest:
         epoch = _epoch_of(raw, where)
         writer_id, db_type, created = raw.get("writer_id"), raw.get("db_type"), raw.get("created_unix")
         nodes_raw = raw.get("nodes")
-        if not isinstance(writer_id, str) or not isinstance(db_type, str) or not isinstance(nodes_raw, Mapping) or not nodes_raw:
+        if (
+            not isinstance(writer_id, str)
+            or not isinstance(db_type, str)
+            or not isinstance(nodes_raw, Mapping)
+            or not nodes_raw
+        ):
             raise CheckpointCorruptedError(f"{where}: manifest lacks writer_id, db_type or nodes")
         if not isinstance(created, (int, float)) or isinstance(created, bool) or not _finite(created):
             raise CheckpointCorruptedError(f"{where}: manifest lacks a valid created_unix")

@@ -173,7 +173,9 @@ class ShardReader:
         )
         index = codec.parse_index(data[index_offset : index_offset + index_length], index_crc, where)
         if index != dict(self.record.blobs):
-            differing = sorted(n for n in set(index) | set(self.record.blobs) if index.get(n) != self.record.blobs.get(n))
+            differing = sorted(
+                n for n in set(index) | set(self.record.blobs) if index.get(n) != self.record.blobs.get(n)
+            )
             shown = ", ".join(repr(n) for n in differing[:5]) + (" ..." if len(differing) > 5 else "")
             raise CheckpointCorruptedError(f"{where}: shard index does not match the manifest for blob(s) {shown}")
         if codec.checksum(data) != self.record.crc32c:
@@ -181,7 +183,9 @@ class ShardReader:
             for name, entry in self.record.blobs.items():
                 payload = data[entry.offset : entry.offset + entry.length]
                 if codec.checksum(payload) != entry.crc32c:
-                    raise CheckpointCorruptedError(f"{where}, blob {name!r}: CRC32C mismatch (stored bytes are corrupted)")
+                    raise CheckpointCorruptedError(
+                        f"{where}, blob {name!r}: CRC32C mismatch (stored bytes are corrupted)"
+                    )
             raise CheckpointCorruptedError(f"{where}: shard CRC32C mismatch (stored bytes are corrupted)")
         return {
             name: codec.decode_blob(entry, data[entry.offset : entry.offset + entry.length], f"{where}, blob {name!r}")

@@ -158,7 +158,7 @@ class Hold:
         if not decided:
             try:
                 await asyncio.wait_for(event.wait(), self.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return bool(self._decision)
 

@@ -222,7 +222,9 @@ async def test_three_trainers_then_a_fresh_manager_loads_two_totals_per_epoch(lo
             assert sorted(loaded) == ["trainer_1/total", "trainer_2/total"]
             assert [total_of({"total": loaded[name]}) for name in sorted(loaded)] == [expected, expected]
         names: dict[str, Any] = {}
-        assert await fresh.load_blobs_locally(["trainer_1", "trainer_2"], ["trainer_1/node", "trainer_2/node"], 3, names)
+        assert await fresh.load_blobs_locally(
+            ["trainer_1", "trainer_2"], ["trainer_1/node", "trainer_2/node"], 3, names
+        )
         assert names == {"trainer_1/node": "trainer_1", "trainer_2/node": "trainer_2"}
         missing: dict[str, Any] = {}
         assert not await fresh.load_blobs_locally(
@@ -291,9 +293,7 @@ async def test_training_completes_when_every_checkpoint_save_fails(
                 assert await mgr.cp_accessible(epoch) is False
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == __name__]
     assert len(warnings) == 10
-    assert all(
-        "Unable to write checkpoint" in message or "cannot be accessed" in message for message in warnings
-    )
+    assert all("Unable to write checkpoint" in message or "cannot be accessed" in message for message in warnings)
 
 
 @pytest.fixture
@@ -309,9 +309,10 @@ async def test_saves_failing_midway_lose_no_epoch_committed_before(
 ) -> None:
     caplog.set_level(logging.WARNING, logger=__name__)
     session: Session = {"trainer_0": {}}
-    async with manager(location) as good, MultiNodeCheckpointManager(
-        broken_location.url, storage_options=broken_location.options
-    ) as broken:
+    async with (
+        manager(location) as good,
+        MultiNodeCheckpointManager(broken_location.url, storage_options=broken_location.options) as broken,
+    ):
         await broken.init(session)  # same node, same workspace: only its storage differs
 
         def break_storage_after_epoch_2(runner: JobRunner, epoch: int) -> None:
@@ -350,7 +351,10 @@ async def test_final_epoch_copied_to_an_upload_location_loads_from_there(locatio
     last_epoch, _, _ = await train_fresh(location, ["trainer_0"])
     upload_dir = tmp_path / "upload"
     prefix = f"epochs/{last_epoch:012d}/"
-    async with storage_for(location.url, options=location.options) as source, storage_for(upload_dir.as_uri()) as target:
+    async with (
+        storage_for(location.url, options=location.options) as source,
+        storage_for(upload_dir.as_uri()) as target,
+    ):
         async for info in source.list(prefix):
             await target.put(info.key, await source.get(info.key))
     assert (upload_dir / prefix / "manifest.json").is_file()

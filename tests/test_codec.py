@@ -264,7 +264,18 @@ def test_plain_value_round_trips_with_its_type(original: Any) -> None:
         [2**70, -(2**70), (2**65,), {"big": 10**40}],
         [math.nan, (math.inf, -0.0)],
     ],
-    ids=["list", "tuple", "dict", "flat-list", "nested-tuples", "nested-dict", "dict-order", "deep", "bigints", "floats"],
+    ids=[
+        "list",
+        "tuple",
+        "dict",
+        "flat-list",
+        "nested-tuples",
+        "nested-dict",
+        "dict-order",
+        "deep",
+        "bigints",
+        "floats",
+    ],
 )
 def test_container_round_trips_with_types_preserved(original: Any) -> None:
     assert_same(round_trip(original), original)

@@ -18,8 +18,8 @@ import copy
 import gc
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aioboto3
@@ -354,7 +354,9 @@ async def test_cancelled_save_commits_nothing_and_the_manager_keeps_working(loca
             accessible = await mgr.cp_accessible(epoch)
             resume = await mgr.get_resume_from_epoch_id()
             if completed:
-                assert accessible and resume == epoch, f"k={k}: completed save, but cp_accessible={accessible} resume={resume}"
+                assert accessible and resume == epoch, (
+                    f"k={k}: completed save, but cp_accessible={accessible} resume={resume}"
+                )
                 break
             if accessible and resume == epoch:
                 # The cancel landed while the manifest PUT was on its way: the server may

@@ -22,11 +22,11 @@ from typing import Any
 
 import aioboto3
 import pytest
-from aiobotocore.config import AioConfig
-
 from _crash_child import NODES, assert_state_equal, crash_state
-from asyncckpt import MiB, MultiNodeCheckpointManager, TransferConfig
+from aiobotocore.config import AioConfig
 from faultproxy import Exchange, FaultProxy, Hold, Request
+
+from asyncckpt import MiB, MultiNodeCheckpointManager, TransferConfig
 
 CHILD = Path(__file__).with_name("_crash_child.py")
 SEED = 7
@@ -139,9 +139,7 @@ def _manifest_put(r: Request) -> bool:
 
 def _part_done(n: int) -> Callable[[list[Exchange]], bool]:
     is_part = _part(n)
-    return lambda log: any(
-        e.status == 200 and is_part(Request(e.method, e.path, e.query, {})) for e in log
-    )
+    return lambda log: any(e.status == 200 and is_part(Request(e.method, e.path, e.query, {})) for e in log)
 
 
 # point: (hold predicate or None, what happens to the held request, is epoch 2 committed)

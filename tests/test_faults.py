@@ -13,11 +13,11 @@ from typing import Any
 
 import aioboto3
 import pytest
-from aiobotocore.config import AioConfig
-
 from _crash_child import NODES, assert_state_equal, make_state
-from asyncckpt import MiB, MultiNodeCheckpointManager, StorageError, TransferConfig
+from aiobotocore.config import AioConfig
 from faultproxy import FaultProxy, ForwardThenReset, Hold, Request, Respond, Truncate
+
+from asyncckpt import MiB, MultiNodeCheckpointManager, StorageError, TransferConfig
 
 SEED = 20261126
 SECRET = "supersecret-DO-NOT-PRINT"
@@ -144,7 +144,9 @@ async def test_saves_and_loads_survive_random_faults(
     proxy.add_rule(lambda r: r.method == "PUT" and "/trainer_0.shard" in r.path, Respond(500, "InternalError"), times=1)
     # (not a reset: aiohttp itself silently retries an idempotent request whose reused
     # keep-alive connection was reset, so botocore would not count that retry)
-    proxy.add_rule(lambda r: r.method == "GET" and r.path.endswith("/ps_0.shard"), Respond(500, "InternalError"), times=1)
+    proxy.add_rule(
+        lambda r: r.method == "GET" and r.path.endswith("/ps_0.shard"), Respond(500, "InternalError"), times=1
+    )
     # a body that breaks off mid-stream: asyncckpt re-requests the rest itself
     truncated = proxy.add_rule(lambda r: r.method == "GET" and r.path.endswith("/trainer_0.shard"), Truncate(), times=1)
     config = TransferConfig(part_size=5 * MiB, range_size=5 * MiB, retry_mode=retry_mode, max_attempts=8)
@@ -267,7 +269,10 @@ async def test_wrong_credentials_never_leak_the_secret(
         assert isinstance(exc, OSError)
         if scope == "all":
             assert not await mgr.cp_accessible()
-            assert exc.code in (code, "AccessDenied"), (exc.code, str(exc))  # a HEAD's bare 403 is reported as AccessDenied
+            assert exc.code in (code, "AccessDenied"), (
+                exc.code,
+                str(exc),
+            )  # a HEAD's bare 403 is reported as AccessDenied
         else:  # the probe may read; every node's upload is denied
             assert set(exc.failures) == set(NODES), exc.failures
             for node, cause in exc.failures.items():

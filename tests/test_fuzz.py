@@ -92,7 +92,12 @@ def build_shard(node: str, blobs: dict[str, Any]) -> tuple[bytes, NodeRecord]:
     parts.append(codec.shard_trailer(index, offset))
     data = b"".join(parts)
     record = NodeRecord(
-        node, shard_key(EPOCH, WRITER_ID, node), receipt_key(EPOCH, WRITER_ID, node), len(data), codec.checksum(data), index
+        node,
+        shard_key(EPOCH, WRITER_ID, node),
+        receipt_key(EPOCH, WRITER_ID, node),
+        len(data),
+        codec.checksum(data),
+        index,
     )
     return data, record
 
@@ -175,9 +180,11 @@ leaves = (
 )
 blob_values = st.recursive(
     leaves,
-    lambda children: st.lists(children, max_size=4)
-    | st.lists(children, max_size=4).map(tuple)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=8,
 )
 blob_sets = st.dictionaries(st.text(min_size=1, max_size=12), blob_values, min_size=1, max_size=4)
@@ -251,7 +258,9 @@ json_values = st.recursive(
     max_leaves=6,
 )
 # values that break a careless int()/float()/comparison, drawn often when a field is replaced
-hostile_json = st.sampled_from([math.inf, -math.inf, math.nan, 10**400, -(10**400), 2**64, -1, 1.5, True, None, "", [], {}])
+hostile_json = st.sampled_from(
+    [math.inf, -math.inf, math.nan, 10**400, -(10**400), 2**64, -1, 1.5, True, None, "", [], {}]
+)
 
 
 def _slots(tree: Any) -> list[tuple[Any, Any]]:
@@ -353,7 +362,10 @@ def test_damaged_shard_is_corrupted_error_or_unchanged(blobs: dict[str, Any], da
 # --------------------------------------------------------------------------- (3) damaged manifests and receipts
 
 small_blob_sets = st.dictionaries(
-    st.text(min_size=1, max_size=6), numpy_arrays() | st.binary(max_size=8) | ints | st.text(max_size=4), min_size=1, max_size=3
+    st.text(min_size=1, max_size=6),
+    numpy_arrays() | st.binary(max_size=8) | ints | st.text(max_size=4),
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -365,7 +377,9 @@ def _manifest(blobs: dict[str, Any], created: float) -> EpochManifest:
 
 @FUZZ
 @given(blobs=small_blob_sets, created=st.floats(0, 4e9), data=st.data())
-def test_damaged_manifest_is_corrupted_error_or_parses(blobs: dict[str, Any], created: float, data: st.DataObject) -> None:
+def test_damaged_manifest_is_corrupted_error_or_parses(
+    blobs: dict[str, Any], created: float, data: st.DataObject
+) -> None:
     manifest = _manifest(blobs, created)
     text = manifest.to_json()
     assert EpochManifest.from_json(text, "manifest") == manifest
@@ -417,18 +431,22 @@ def test_malformed_manifest_is_corrupted_error_or_parses(text: bytes) -> None:
 
 def test_deeply_nested_receipt_is_corrupted_error() -> None:
     with pytest.raises(CheckpointCorruptedError):
-        NodeRecord.from_receipt(b"{\"a\":" * 100_000 + b"1" + b"}" * 100_000, "receipt")
+        NodeRecord.from_receipt(b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "receipt")
 
 
 # --------------------------------------------------------------------------- (4) arbitrary payloads
 
-DTYPE_STRS = st.sampled_from(["<f8", ">i4", "|b1", "<U3", "|S2", "<c8", "<M8[ns]", "<m8", "<f2", "|u1"]) | st.text(max_size=6)
+DTYPE_STRS = st.sampled_from(["<f8", ">i4", "|b1", "<U3", "|S2", "<c8", "<M8[ns]", "<m8", "<f2", "|u1"]) | st.text(
+    max_size=6
+)
 SHAPES = st.lists(st.integers(-2, 6), max_size=4)
 ORDERS = st.sampled_from(["C", "F", "X", ""])
 
 
 def _ext_bodies(children: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
-    ndarray_body = st.tuples(DTYPE_STRS, SHAPES | st.lists(st.text(max_size=2), max_size=2), ORDERS, st.binary(max_size=24))
+    ndarray_body = st.tuples(
+        DTYPE_STRS, SHAPES | st.lists(st.text(max_size=2), max_size=2), ORDERS, st.binary(max_size=24)
+    )
     scalar_body = st.tuples(DTYPE_STRS, st.binary(max_size=16))
     return (
         st.binary(max_size=16)
@@ -440,10 +458,17 @@ def _ext_bodies(children: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
 
 
 msgpack_trees = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=6) | st.binary(max_size=8),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=4), children, max_size=3)
-    | st.builds(msgpack.ExtType, st.sampled_from([1, 2, 3, 4]) | st.integers(0, 127), _ext_bodies(children)),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(max_size=4), children, max_size=3)
+        | st.builds(msgpack.ExtType, st.sampled_from([1, 2, 3, 4]) | st.integers(0, 127), _ext_bodies(children))
+    ),
     max_leaves=8,
 )
 payloads = st.binary(max_size=64) | msgpack_trees.map(msgpack.packb)

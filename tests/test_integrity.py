@@ -348,7 +348,9 @@ async def test_intact_epoch_loads(location: Any) -> None:
             assert_same({k: workspaces[node][k] for k in blobs}, blobs, node)
         session: dict[str, Any] = {}
         assert await mgr.load_blobs_locally(["trainer-0", "ps-0"], ["trainer-0/weights", "table"], 1, session)
-        assert_same(session, {"trainer-0/weights": job_state(1)["trainer-0"]["weights"], "table": job_state(1)["ps-0"]["table"]})
+        assert_same(
+            session, {"trainer-0/weights": job_state(1)["trainer-0"]["weights"], "table": job_state(1)["ps-0"]["table"]}
+        )
 
 
 # --------------------------------------------------------------------------- load_blobs_locally
@@ -376,7 +378,9 @@ async def test_partial_load_of_damaged_epoch_raises_and_leaves_session(damaged: 
             expect = damaged.expect[name]
             if name == "swap_shards":
                 # only trainer-0's weights are fetched: the damage shows as a CRC mismatch of that blob
-                expect = Expect(CheckpointCorruptedError, ("trainer-0",), "weights", (damaged.shard_url("trainer-0", epoch),))
+                expect = Expect(
+                    CheckpointCorruptedError, ("trainer-0",), "weights", (damaged.shard_url("trainer-0", epoch),)
+                )
             with findings.case(name):
                 session: dict[str, Any] = {"weights": np.zeros(2), "untouched": {"a": [1, 2]}}
                 before = Frozen.of({"session": session, **workspaces})
@@ -407,7 +411,13 @@ async def test_partial_loads_and_probes_around_damage(damaged: Damaged) -> None:
             expected = node_state("trainer-1", epoch)
             assert_same(session, {"bias": expected["bias"], "meta": expected["meta"]})
 
-        for name in ("delete_shard", "truncate_shard", "manifest_size", "manifest_invalid_json", "manifest_wrong_epoch"):
+        for name in (
+            "delete_shard",
+            "truncate_shard",
+            "manifest_size",
+            "manifest_invalid_json",
+            "manifest_wrong_epoch",
+        ):
             with findings.case(f"{name}: cp_accessible is False"):
                 assert await mgr.cp_accessible(damaged.epochs[name]) is False
         assert await mgr.cp_accessible(OTHER_EPOCH) is True

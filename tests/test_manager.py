@@ -379,13 +379,16 @@ async def test_a_bad_epoch_is_refused_before_anything_is_written(location: Any) 
         await mgr.init({"trainer_0": {"total": 1}})
         for epoch, error in BAD_EPOCHS:
             calls: list[Callable[[], Any]] = [
-                lambda: mgr.save(epoch),
-                lambda: mgr.load(epoch),
-                lambda: mgr.load_blobs_locally(["trainer_0"], ["total"], epoch, {}),
-                lambda: mgr.get_ckpt_db_name("trainer_0", epoch),
+                lambda epoch=epoch: mgr.save(epoch),
+                lambda epoch=epoch: mgr.load(epoch),
+                lambda epoch=epoch: mgr.load_blobs_locally(["trainer_0"], ["total"], epoch, {}),
+                lambda epoch=epoch: mgr.get_ckpt_db_name("trainer_0", epoch),
             ]
             if epoch is not None:  # None means "no particular epoch" for these two
-                calls += [lambda: mgr.cp_accessible(epoch), lambda: mgr.get_resume_from_epoch_id(epoch)]
+                calls += [
+                    lambda epoch=epoch: mgr.cp_accessible(epoch),
+                    lambda epoch=epoch: mgr.get_resume_from_epoch_id(epoch),
+                ]
             for call in calls:
                 try:
                     with pytest.raises(error):
@@ -496,7 +499,9 @@ async def test_partial_load_returns_false_and_leaves_the_session_untouched_for_a
     session = {"keep": "me"}
     async with manager(location) as mgr:  # no init needed, as in caffe2
         assert await mgr.load_blobs_locally(["trainer_0"], ["total"], 2, session) is False
-        assert await mgr.load_blobs_locally(["trainer_0", "trainer_9"], ["trainer_0/total", "total"], 1, session) is False
+        assert (
+            await mgr.load_blobs_locally(["trainer_0", "trainer_9"], ["trainer_0/total", "total"], 1, session) is False
+        )
     assert session == {"keep": "me"}
 
 
@@ -509,7 +514,9 @@ async def test_partial_load_returns_false_when_a_listed_nodes_shard_object_is_mi
         assert shard_url is not None
         await delete_object(location, shard_url)
         # like caffe2's check_db_exists, for every listed node, whether or not a name asked for is its own
-        assert await mgr.load_blobs_locally(list(TWO_NODES), ["trainer_0/total", "trainer_1/total"], 1, session) is False
+        assert (
+            await mgr.load_blobs_locally(list(TWO_NODES), ["trainer_0/total", "trainer_1/total"], 1, session) is False
+        )
         assert await mgr.load_blobs_locally(list(TWO_NODES), ["trainer_0/total"], 1, session) is False
     assert session == {"keep": "me"}
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import aioboto3
 import pytest
+from _mp_worker import BLOBS, expected_state, same_state
 from aiobotocore.config import AioConfig
 
-from _mp_worker import BLOBS, expected_state, same_state
 from asyncckpt import MultiNodeCheckpointManager, split_nodes
 
 WORKER = Path(__file__).with_name("_mp_worker.py")
@@ -359,7 +359,9 @@ async def test_two_job_incarnations_racing_on_one_epoch(
     nodes = ["n0", "n1", "n2", "n3"]
     seeds = {"jobA": 11, "jobB": 22}
     argses = [
-        args for run_id, seed in seeds.items() for args in job_args(url, s3_endpoint, run_id, nodes, 2, seed, epochs=[0])
+        args
+        for run_id, seed in seeds.items()
+        for args in job_args(url, s3_endpoint, run_id, nodes, 2, seed, epochs=[0])
     ]
     done = await asyncio.to_thread(run_job, log_dir, argses)
     outcome: dict[str, set[str]] = {run_id: set() for run_id in seeds}
@@ -438,8 +440,10 @@ async def test_thirty_two_processes(
     await check_epoch(url, s3_options, nodes, 0, seed=1)
     ready = max(w.of("ready")[0]["t"] for w in done) - wall0
     committed = max(w.of("saved")[0]["t"] for w in done) - wall0
-    print(f"32 processes: all ready after {ready:.1f} s, all saw the commit after {committed:.1f} s, "
-          f"all exited after {elapsed:.1f} s")
+    print(
+        f"32 processes: all ready after {ready:.1f} s, all saw the commit after {committed:.1f} s, "
+        f"all exited after {elapsed:.1f} s"
+    )
 
 
 def test_worker_values_are_deterministic() -> None:

@@ -10,11 +10,24 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from s3_helpers import REGION, admin_client, delete_bucket, empty_bucket, new_bucket_name
+from s3_helpers import (
+    REGION,
+    admin_client,
+    delete_bucket,
+    empty_bucket,
+    new_bucket_name,
+)
 
 from asyncckpt.config import MiB, TransferConfig
 from asyncckpt.errors import CheckpointNotFoundError, StorageError
-from asyncckpt.storage import ByteBudget, LocalStorage, MemoryStorage, PendingUpload, S3Storage, drop_memory_store
+from asyncckpt.storage import (
+    ByteBudget,
+    LocalStorage,
+    MemoryStorage,
+    PendingUpload,
+    S3Storage,
+    drop_memory_store,
+)
 from asyncckpt.storage.testing import StorageConformance, payload
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
@@ -161,7 +174,9 @@ class TestS3Storage(StorageConformance):
 async def _wait_for_parts(client: Any, storage: S3Storage, upload: PendingUpload, count: int) -> None:
     """Wait until ``count`` parts of ``upload`` have landed on the server."""
     for _ in range(500):
-        response = await client.list_parts(Bucket=storage.bucket, Key=f"{storage.prefix}/{upload.key}", UploadId=upload.upload_id)
+        response = await client.list_parts(
+            Bucket=storage.bucket, Key=f"{storage.prefix}/{upload.key}", UploadId=upload.upload_id
+        )
         if len(response.get("Parts", [])) >= count:
             return
         await asyncio.sleep(0.01)

@@ -7,7 +7,15 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..config import TransferConfig
-from .base import ByteBudget, ObjectInfo, ObjectWriter, PendingUpload, RequestStats, Storage, collect_request_stats
+from .base import (
+    ByteBudget,
+    ObjectInfo,
+    ObjectWriter,
+    PendingUpload,
+    RequestStats,
+    Storage,
+    collect_request_stats,
+)
 from .local import LocalStorage
 from .memory import MemoryStorage, drop_memory_store
 from .s3 import S3Storage

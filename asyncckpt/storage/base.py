@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
+
 from .._tasks import shielded
 from ..errors import CheckpointCorruptedError
 
@@ -307,4 +308,3 @@ class Storage(ABC):
 
     async def abort_pending_upload(self, upload: PendingUpload) -> None:
         """Abort one unfinished multipart upload."""
-

@@ -15,8 +15,21 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-from ..errors import CheckpointConflictError, CheckpointError, CheckpointNotFoundError, StorageError
-from .base import Buffer, ByteBudget, ObjectInfo, ObjectWriter, Storage, record_request, validate_key
+from ..errors import (
+    CheckpointConflictError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    StorageError,
+)
+from .base import (
+    Buffer,
+    ByteBudget,
+    ObjectInfo,
+    ObjectWriter,
+    Storage,
+    record_request,
+    validate_key,
+)
 
 __all__ = ["LocalStorage"]
 
@@ -145,7 +158,7 @@ class LocalStorage(Storage):
         record_request()
 
         def holds_an_object(path: str) -> bool:
-            for dirpath, dirnames, filenames in os.walk(path):
+            for _dirpath, dirnames, filenames in os.walk(path):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 if any(not f.startswith(".") for f in filenames):
                     return True

@@ -7,7 +7,15 @@ import time
 from collections.abc import AsyncIterator, Iterable
 
 from ..errors import CheckpointConflictError, CheckpointNotFoundError, StorageError
-from .base import Buffer, ByteBudget, ObjectInfo, ObjectWriter, Storage, record_request, validate_key
+from .base import (
+    Buffer,
+    ByteBudget,
+    ObjectInfo,
+    ObjectWriter,
+    Storage,
+    record_request,
+    validate_key,
+)
 
 __all__ = ["MemoryStorage", "drop_memory_store"]
 
@@ -71,7 +79,9 @@ class MemoryStorage(Storage):
         data = self._lookup(key)
         if not 0 <= start <= end <= len(data):
             raise StorageError(
-                f"{self.url_of(key)}: range {start}-{end} outside object of {len(data)} bytes", key=key, code="InvalidRange"
+                f"{self.url_of(key)}: range {start}-{end} outside object of {len(data)} bytes",
+                key=key,
+                code="InvalidRange",
             )
         record_request(received=end - start)
         return data[start:end]

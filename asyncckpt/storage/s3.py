@@ -16,11 +16,10 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-import aiohttp
 import aioboto3
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
-from botocore.loaders import Loader, create_loader
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -33,6 +32,7 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ReadTimeoutError as BotoReadTimeoutError,
 )
+from botocore.loaders import Loader, create_loader
 
 from .._tasks import shielded
 from ..config import TransferConfig
@@ -124,7 +124,9 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, url: st
         if code in _NOT_FOUND and key is not None:
             return CheckpointNotFoundError(f"{url} does not exist")
         if code == "NoSuchBucket" or (code in _NOT_FOUND and key is None):
-            return StorageError(f"bucket {bucket!r} does not exist (NoSuchBucket)", bucket=bucket, key=key, code="NoSuchBucket")
+            return StorageError(
+                f"bucket {bucket!r} does not exist (NoSuchBucket)", bucket=bucket, key=key, code="NoSuchBucket"
+            )
         if code in _CONFLICT:
             return CheckpointConflictError(f"{url} already exists (the create-only write was refused: {code})")
         if code == "403":  # a HEAD has no body, so no error code: only the status
@@ -148,10 +150,14 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, url: st
     if isinstance(exc, ParamValidationError):
         return StorageError(f"{url}: invalid request ({exc})", bucket=bucket, key=key, code="ParamValidation")
     if isinstance(exc, (EndpointConnectionError, ConnectionClosedError)):
-        return StorageError(f"{url}: cannot reach the S3 endpoint ({exc})", bucket=bucket, key=key, code=type(exc).__name__)
+        return StorageError(
+            f"{url}: cannot reach the S3 endpoint ({exc})", bucket=bucket, key=key, code=type(exc).__name__
+        )
     if isinstance(exc, (BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError, OSError)):
         return StorageError(f"{url}: {type(exc).__name__}: {exc}", bucket=bucket, key=key, code=type(exc).__name__)
-    return StorageError(f"{url}: unexpected {type(exc).__name__}: {exc}", bucket=bucket, key=key, code=type(exc).__name__)
+    return StorageError(
+        f"{url}: unexpected {type(exc).__name__}: {exc}", bucket=bucket, key=key, code=type(exc).__name__
+    )
 
 
 class S3Storage(Storage):
@@ -305,7 +311,9 @@ class S3Storage(Storage):
                         if buffer is not None:
                             offset = pos - start
                             if offset + n > buffer.nbytes:
-                                raise StorageError(f"{url}: server sent more bytes than requested", key=key, code="BadRange")
+                                raise StorageError(
+                                    f"{url}: server sent more bytes than requested", key=key, code="BadRange"
+                                )
                             buffer[offset : offset + n] = chunk
                         else:
                             chunks.append(chunk)
@@ -344,7 +352,9 @@ class S3Storage(Storage):
         except CheckpointNotFoundError:
             return None
         modified = response.get("LastModified")
-        return ObjectInfo(key, int(response["ContentLength"]), modified.timestamp() if modified else None, response.get("ETag"))
+        return ObjectInfo(
+            key, int(response["ContentLength"]), modified.timestamp() if modified else None, response.get("ETag")
+        )
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
         root = f"{self.prefix}/" if self.prefix else ""
@@ -357,7 +367,10 @@ class S3Storage(Storage):
             for item in response.get("Contents", []):
                 modified = item.get("LastModified")
                 yield ObjectInfo(
-                    item["Key"][len(root) :], int(item["Size"]), modified.timestamp() if modified else None, item.get("ETag")
+                    item["Key"][len(root) :],
+                    int(item["Size"]),
+                    modified.timestamp() if modified else None,
+                    item.get("ETag"),
                 )
             if not response.get("IsTruncated"):
                 return
@@ -421,7 +434,9 @@ class S3Storage(Storage):
             for item in response.get("Uploads", []):
                 initiated = item.get("Initiated")
                 uploads.append(
-                    PendingUpload(item["Key"][len(root) :], item["UploadId"], initiated.timestamp() if initiated else None)
+                    PendingUpload(
+                        item["Key"][len(root) :], item["UploadId"], initiated.timestamp() if initiated else None
+                    )
                 )
             if not response.get("IsTruncated"):
                 return uploads

@@ -138,7 +138,9 @@ class StorageConformance:
         data = payload(self.large_size, seed=1)
         await storage.put("big/obj", data)
         await self.assert_holds(storage, "big/obj", data)
-        assert await storage.get_range("big/obj", self.large_size - 5 * MiB - 3, self.large_size) == data[-5 * MiB - 3 :]
+        assert (
+            await storage.get_range("big/obj", self.large_size - 5 * MiB - 3, self.large_size) == data[-5 * MiB - 3 :]
+        )
 
     @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
     async def test_put_accepts_any_buffer(self, storage: Storage, kind: type) -> None:
