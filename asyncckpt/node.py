@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import codec
 from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
@@ -27,10 +25,6 @@ __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
 _SHORT_READ_CODES = frozenset({"ShortRead", "InvalidRange"})  # the object is shorter than asked
-
-
-def _checksum_both(view: memoryview, shard_crc: int) -> tuple[int, int]:
-    return codec.checksum(view), codec.checksum(view, shard_crc)
 
 
 @dataclass
@@ -65,12 +59,13 @@ class ShardWriter:
                 for blob in encoded:
                     blob_crc = 0
                     for view in blob.buffers:
+                        # one pass: the blob's CRC, then combined into the shard's
                         if view.nbytes >= _THREAD_MIN:
-                            part_crc, shard_crc = await asyncio.to_thread(_checksum_both, view, shard_crc)
-                            blob_crc = _combine_sequential(blob_crc, view, part_crc)
+                            view_crc = await asyncio.to_thread(codec.checksum, view)
                         else:
-                            blob_crc = codec.checksum(view, blob_crc)
-                            shard_crc = codec.checksum(view, shard_crc)
+                            view_crc = codec.checksum(view)
+                        blob_crc = codec.checksum_combine(blob_crc, view_crc, view.nbytes)
+                        shard_crc = codec.checksum_combine(shard_crc, view_crc, view.nbytes)
                         await out.write(view)
                     index[blob.name] = blob.entry(offset, blob_crc)
                     offset += blob.length
@@ -85,15 +80,6 @@ class ShardWriter:
             record = NodeRecord(self.node, shard_key, receipt_key, size, shard_crc, index, node_stats)
             await self.storage.put(receipt_key, record.receipt_json(epoch, writer_id))
         return record
-
-
-def _combine_sequential(prefix_crc: int, view: memoryview, view_crc: int) -> int:
-    """CRC of (earlier bytes + view) given CRC of the earlier bytes.
-
-    Blobs are written as one buffer each, so the common case is ``prefix_crc == 0``,
-    where the answer is ``view_crc``; otherwise continue the running CRC over ``view``.
-    """
-    return view_crc if prefix_crc == 0 else codec.checksum(view, prefix_crc)
 
 
 def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:
@@ -122,8 +108,10 @@ class ShardReader:
     async def _fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
-        # np.empty: no zero-fill pass; the decoded arrays are views into this memory
-        buffer = memoryview(np.empty(end - start, dtype=np.uint8)) if end > start else memoryview(bytearray())
+        # The decoded arrays are views into this memory. A bytearray, not np.empty:
+        # numpy asks for transparent huge pages on large arrays, and where the kernel
+        # compacts memory to find them (THP defrag "madvise"), first touch is far slower.
+        buffer = memoryview(bytearray(end - start))
         step = self.config.range_size
         key = self.record.shard
         try:
@@ -178,17 +166,16 @@ class ShardReader:
             )
             shown = ", ".join(repr(n) for n in differing[:5]) + (" ..." if len(differing) > 5 else "")
             raise CheckpointCorruptedError(f"{where}: shard index does not match the manifest for blob(s) {shown}")
-        if codec.checksum(data) != self.record.crc32c:
-            # a per-blob check below names the blob when the damage is inside one
-            for name, entry in self.record.blobs.items():
-                payload = data[entry.offset : entry.offset + entry.length]
-                if codec.checksum(payload) != entry.crc32c:
-                    raise CheckpointCorruptedError(
-                        f"{where}, blob {name!r}: CRC32C mismatch (stored bytes are corrupted)"
-                    )
+        crcs = {name: codec.checksum(data[e.offset : e.offset + e.length]) for name, e in self.record.blobs.items()}
+        for name, entry in self.record.blobs.items():
+            if crcs[name] != entry.crc32c:
+                raise CheckpointCorruptedError(f"{where}, blob {name!r}: CRC32C mismatch (stored bytes are corrupted)")
+        if _shard_checksum(data, self.record.blobs, crcs) != self.record.crc32c:
             raise CheckpointCorruptedError(f"{where}: shard CRC32C mismatch (stored bytes are corrupted)")
         return {
-            name: codec.decode_blob(entry, data[entry.offset : entry.offset + entry.length], f"{where}, blob {name!r}")
+            name: codec.decode_blob(
+                entry, data[entry.offset : entry.offset + entry.length], f"{where}, blob {name!r}", verify=False
+            )
             for name, entry in self.record.blobs.items()
         }
 
@@ -219,3 +206,16 @@ class ShardReader:
             return out
 
         return await asyncio.to_thread(decode)
+
+
+def _shard_checksum(data: memoryview, blobs: Mapping[str, BlobEntry], crcs: Mapping[str, int]) -> int:
+    """The whole shard's CRC32C from the blobs' (already computed) CRCs: the bytes between
+    and around the blobs are read, the blobs themselves are not read again."""
+    crc, pos = 0, 0
+    for name, entry in sorted(blobs.items(), key=lambda item: item[1].offset):
+        if entry.offset < pos:  # overlapping entries: no shortcut, read everything
+            return codec.checksum(data)
+        crc = codec.checksum(data[pos : entry.offset], crc)
+        crc = codec.checksum_combine(crc, crcs[name], entry.length)
+        pos = entry.offset + entry.length
+    return codec.checksum(data[pos:], crc)

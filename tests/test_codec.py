@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncckpt import codec
 from asyncckpt.codec import BlobEntry, EncodedBlob
@@ -489,3 +491,15 @@ def test_damaged_header_is_checkpoint_corrupted_error(damage: Any) -> None:
     data, _ = assemble_shard(NODE, SHARD_BLOBS)
     with pytest.raises(CheckpointCorruptedError, match="invalid shard header"):
         codec.parse_header(damage(data), "shard")
+
+
+@given(st.binary(max_size=4096), st.binary(max_size=4096))
+def test_crc32c_of_a_concatenation_combines_from_the_parts(a: bytes, b: bytes) -> None:
+    assert codec.checksum_combine(codec.checksum(a), codec.checksum(b), len(b)) == codec.checksum(a + b)
+
+
+def test_crc32c_combine_doubles_a_run_of_zeros_up_to_a_mebibyte() -> None:
+    crc, length = codec.checksum(bytes(1)), 1
+    while length < 1 << 20:
+        crc, length = codec.checksum_combine(crc, crc, length), 2 * length
+    assert crc == codec.checksum(bytes(1 << 20))
