@@ -147,13 +147,6 @@ class SaveHandle:
         return f"<SaveHandle epoch={self.epoch} {state}>"
 
 
-def _plain_pages_array(shape: tuple[int, ...], dtype: np.dtype[Any], order: str) -> np.ndarray[Any, Any]:
-    """An uninitialised array on ordinary pages (numpy's own allocator asks for huge
-    pages, whose first touch can stall while the kernel compacts memory)."""
-    flat = np.frombuffer(bytearray(int(np.prod(shape)) * dtype.itemsize), dtype=dtype)
-    return flat.reshape(shape[::-1]).T if order == "F" else flat.reshape(shape)
-
-
 def _snapshot_encode_all(
     workspaces: Mapping[str, Mapping[str, Any]], staging: dict[str, dict[str, np.ndarray[Any, Any]]]
 ) -> dict[str, list[EncodedBlob]]:
@@ -173,7 +166,7 @@ def _snapshot_encode_all(
                     or buf.dtype != value.dtype
                     or (order == "F" and not buf.flags.f_contiguous)
                 ):
-                    buf = _plain_pages_array(value.shape, value.dtype, order)
+                    buf = np.empty(value.shape, value.dtype, order=order)
                     stage[name] = buf
                 np.copyto(buf, value)
                 frozen[name] = buf
