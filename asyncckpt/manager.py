@@ -513,8 +513,9 @@ class MultiNodeCheckpointManager:
 
         Arrays are copied into staging buffers that are kept for the next snapshot
         (one extra copy of the state stays allocated until :meth:`close`); everything
-        else is encoded on the spot. Unsupported blobs raise :class:`TypeError` here,
-        and an already committed epoch :class:`CheckpointConflictError`.
+        else is encoded on the spot. Unsupported blobs raise :class:`TypeError` here;
+        an already committed epoch raises :class:`CheckpointConflictError` from the
+        handle (the probe is not worth holding the caller for).
         """
         started = time.perf_counter()
         layout.validate_epoch(epoch)
@@ -524,19 +525,11 @@ class MultiNodeCheckpointManager:
         staging = self._staging_free.pop() if self._staging_free else {}
         current = {node: dict(ws) for node, ws in workspaces.items()}
         try:
-            # the copy (a worker thread) and the already-committed probe overlap
-            encoded, committed = await run_all(
-                (
-                    asyncio.to_thread(_snapshot_encode_all, current, staging),
-                    self._storage.exists(layout.manifest_key(epoch)),
-                )
-            )
-            if committed:
-                raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
+            encoded = await asyncio.to_thread(_snapshot_encode_all, current, staging)
         except BaseException:
             self._staging_free.append(staging)
             raise
-        task = asyncio.create_task(self._save_encoded(epoch, encoded, checked=True))
+        task = asyncio.create_task(self._save_encoded(epoch, encoded))
         handle = SaveHandle(epoch, task, time.perf_counter() - started)
         self._inflight = handle
 
@@ -567,9 +560,9 @@ class MultiNodeCheckpointManager:
             assert exc is not None
             raise exc
 
-    async def _save_encoded(self, epoch: int, encoded: dict[str, list[EncodedBlob]], *, checked: bool = False) -> None:
+    async def _save_encoded(self, epoch: int, encoded: dict[str, list[EncodedBlob]]) -> None:
         await self._ensure_open()
-        if not checked and await self._storage.exists(layout.manifest_key(epoch)):
+        if await self._storage.exists(layout.manifest_key(epoch)):
             raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
         writer_id = self._writer_id_for(epoch)
         self._pending_writer.pop(epoch, None)  # every attempt gets fresh keys
