@@ -17,7 +17,7 @@ import contextlib
 import copy
 import gc
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -26,6 +26,7 @@ import aioboto3
 import numpy as np
 import pytest
 from aiobotocore.config import AioConfig
+from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager, TransferConfig
 from asyncckpt.errors import CheckpointConflictError
@@ -51,23 +52,6 @@ def job_values(job: str, epoch: int) -> dict[str, dict[str, Any]]:
         }
         for i, node in enumerate(NODES)
     }
-
-
-def assert_same(actual: Any, expected: Any, path: str = "") -> None:
-    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-    if isinstance(expected, np.ndarray):
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, f"{path}: array layout differs"
-        assert np.array_equal(actual, expected), f"{path}: array values differ"
-    elif isinstance(expected, Mapping):
-        assert set(actual) == set(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{path}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{path}: length differs"
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, f"{path}[{i}]")
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 def manager(location: Any, **kwargs: Any) -> MultiNodeCheckpointManager:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import aioboto3
 import numpy as np
 import pytest
 from aiobotocore.config import AioConfig
+from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager
 from asyncckpt.layout import manifest_key
@@ -35,18 +36,6 @@ def state(tag: int) -> dict[str, dict[str, Any]]:
         node: {"w": np.full(64, tag * 10 + i, dtype=np.float32), "step": tag, "name": f"{node}@{tag}"}
         for i, node in enumerate(NODES)
     }
-
-
-def assert_same(actual: Any, expected: Any, path: str = "") -> None:
-    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-    if isinstance(expected, np.ndarray):
-        assert actual.dtype == expected.dtype and np.array_equal(actual, expected), f"{path}: arrays differ"
-    elif isinstance(expected, Mapping):
-        assert set(actual) == set(expected), f"{path}: keys differ"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{path}/{key}")
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 @contextlib.asynccontextmanager

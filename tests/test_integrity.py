@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager
 from asyncckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError
@@ -53,25 +54,6 @@ def node_state(node: str, tag: int) -> dict[str, Any]:
 
 def job_state(tag: int) -> dict[str, dict[str, Any]]:
     return {node: node_state(node, tag) for node in NODES}
-
-
-def assert_same(actual: Any, expected: Any, path: str = "") -> None:
-    """Deep equality that also checks types, dtypes and shapes (no numpy truthiness)."""
-    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-    if isinstance(expected, np.ndarray):
-        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}"
-        assert np.array_equal(actual, expected), f"{path}: array values differ"
-    elif isinstance(expected, Mapping):
-        assert set(actual) == set(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{path}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, f"{path}[{i}]")
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 @dataclass

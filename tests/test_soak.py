@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import psutil
 import pytest
+from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager
 
@@ -36,18 +36,6 @@ def state(epoch: int) -> dict[str, dict[str, Any]]:
         }
         for i, node in enumerate(NODES)
     }
-
-
-def assert_same(actual: Any, expected: Any, path: str = "") -> None:
-    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
-    if isinstance(expected, np.ndarray):
-        assert actual.dtype == expected.dtype and np.array_equal(actual, expected), f"{path}: arrays differ"
-    elif isinstance(expected, Mapping):
-        assert set(actual) == set(expected), f"{path}: keys differ"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{path}/{key}")
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 @dataclass(frozen=True)
