@@ -295,23 +295,17 @@ class _LocalWriter(ObjectWriter):
 
 
 async def _open_uncancellable(path: Path) -> Any:
-    """``aiofiles.open(path, "wb")`` whose handle is closed (and the file removed) if
-    the caller is cancelled while the worker thread opens it."""
+    """``aiofiles.open(path, "wb")`` that leaves nothing behind when the caller is
+    cancelled while the worker thread opens the file: the open is let finish, the handle
+    closed and the file removed, and only then does the cancellation propagate."""
     opening = asyncio.ensure_future(aiofiles.open(path, "wb"))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
-
-        def cleanup(task: asyncio.Future[Any]) -> None:
-            if not task.cancelled() and task.exception() is None:
-                handle = task.result()
-                closing = asyncio.ensure_future(handle.close())
-                closing.add_done_callback(lambda _: path.unlink(missing_ok=True))
-                _pending_cleanups.add(closing)
-                closing.add_done_callback(_pending_cleanups.discard)
-
-        opening.add_done_callback(cleanup)
+        try:
+            handle = await opening
+        except Exception:  # the open failed: nothing to undo
+            raise asyncio.CancelledError from None
+        await handle.close()
+        path.unlink(missing_ok=True)
         raise
-
-
-_pending_cleanups: set[asyncio.Future[Any]] = set()
