@@ -30,8 +30,8 @@ from rich.table import Table
 
 from . import __version__
 from .config import MiB, TransferConfig
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
-from .storage import Storage, parse_location, storage_for
+from .errors import CheckpointError
+from .storage import parse_location, storage_for
 
 if TYPE_CHECKING:  # both import numpy: loaded when a command needs them
     from .manager import GcReport
@@ -397,35 +397,11 @@ def ls(location: str, endpoint_url: str | None) -> None:
 
 
 async def _read_committed_manifests(location: str, options: dict[str, Any]) -> list[EpochManifest]:
-    """The manifests of the committed epochs, ascending (an epoch removed or damaged since
-    the listing is left out)."""
-    from ._tasks import run_all
-    from .layout import manifest_key
+    """The manifests of the committed epochs, ascending."""
     from .manager import MultiNodeCheckpointManager
-    from .manifest import EpochManifest
 
     async with MultiNodeCheckpointManager(location, storage_options=options) as mgr:
-        epochs = await mgr.committed_epochs()
-    if not epochs:
-        return []
-    storage: Storage = storage_for(location, options=options)
-    requests = asyncio.Semaphore(8)
-
-    async def read(epoch: int) -> EpochManifest | None:
-        key = manifest_key(epoch)
-        async with requests:
-            try:
-                data = await storage.get(key)
-            except CheckpointNotFoundError:
-                return None
-        try:
-            return EpochManifest.from_json(data, storage.url_of(key))
-        except CheckpointCorruptedError:
-            return None
-
-    async with storage:
-        manifests = await run_all(read(epoch) for epoch in epochs)
-    return [m for m in manifests if m is not None]
+        return await mgr.committed_manifests()
 
 
 # ---------------------------------------------------------------------- gc

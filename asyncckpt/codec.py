@@ -467,8 +467,3 @@ def decode_blob(entry: BlobEntry, payload: memoryview, where: str, *, verify: bo
         raise
     except Exception as exc:  # any decoding failure of verified-but-malformed bytes
         raise CheckpointCorruptedError(f"{where}: blob does not decode ({type(exc).__name__}: {exc})") from None
-
-
-def iter_payload_views(blobs: Iterable[EncodedBlob]) -> Iterable[memoryview]:
-    for blob in blobs:
-        yield from blob.buffers

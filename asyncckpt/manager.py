@@ -33,7 +33,7 @@ from .errors import (
 )
 from .manifest import EpochManifest, NodeRecord, NodeStats
 from .node import ShardReader, ShardWriter
-from .storage import Storage, parse_location, storage_for
+from .storage import PATH_TYPES, Storage, parse_location, storage_for
 from .storage.base import ByteBudget, ObjectInfo, collect_request_stats, validate_key
 
 __all__ = ["ACTIONS", "GcReport", "MetadataHandler", "MultiNodeCheckpointManager", "SaveHandle"]
@@ -356,8 +356,8 @@ class MultiNodeCheckpointManager:
             raise CheckpointStateError(f"this manager already manages nodes {self._node_names}; got {names}")
         new_type = path_type or self._path_type
         new_prefix = path_prefix or self._path_prefix
-        if path_type and path_type not in ("s3", "file", "memory"):
-            raise ValueError(f"unknown path_type {path_type!r}; expected 's3', 'file' or 'memory'")
+        if path_type and path_type not in PATH_TYPES:
+            raise ValueError(f"unknown path_type {path_type!r}; expected one of {PATH_TYPES}")
         read_storage = self._read_storage
         if new_prefix and (new_prefix != self._path_prefix or new_type != self._path_type):
             kind = parse_location(new_prefix, new_type)[0]
@@ -467,9 +467,21 @@ class MultiNodeCheckpointManager:
                     raise CheckpointCorruptedError(f"{where}: node {node!r} names {key_!r}, outside epoch {epoch}")
         return manifest
 
-    async def _committed_epochs(self, storage: Storage) -> list[int]:
+    async def _epoch_dirs(self, storage: Storage) -> list[int]:
+        """The epochs that have a directory (committed or not), ascending."""
         names = await storage.list_dirs(layout.EPOCHS_DIR + "/")
         return sorted(e for e in (layout.parse_epoch_dir(n) for n in names) if e is not None)
+
+    async def _manifest_or_none(self, epoch: int, storage: Storage) -> EpochManifest | None:
+        """The epoch's manifest; ``None`` if it has none (an interrupted save) or if it does
+        not parse (logged)."""
+        try:
+            return await self._read_manifest(epoch, storage)
+        except CheckpointNotFoundError:
+            return None
+        except CheckpointCorruptedError as exc:
+            log.warning("skipping epoch %d: %s", epoch, exc)
+            return None
 
     def _writer_id_for(self, epoch: int) -> str:
         if epoch not in self._pending_writer:
@@ -794,7 +806,7 @@ class MultiNodeCheckpointManager:
         layout.validate_epoch(epoch)
         workspaces = self._require_init("load()")
         if path_prefix or path_type:
-            self.set_params(list(workspaces), path_prefix, path_type)
+            self.set_params(self.nodes, path_prefix, path_type)
         await self._ensure_open()
         started = time.perf_counter()
         storage = self._reader
@@ -849,12 +861,13 @@ class MultiNodeCheckpointManager:
             return False
         if any(node not in manifest.nodes for node in node_names):
             return False
+        readers = {node: ShardReader(self._storage, node, manifest.nodes[node], self._config) for node in node_names}
         shards = await run_all(self._storage.head(manifest.nodes[node].shard) for node in node_names)
         if any(info is None for info in shards):
             return False  # a listed node's shard is gone: nothing is loaded
         for node, info in zip(node_names, shards):
             assert info is not None
-            ShardReader(self._storage, node, manifest.nodes[node], self._config).check_size(info.size)
+            readers[node].check_size(info.size)
         plan: dict[str, dict[str, str]] = {}  # node -> {blob name: session key}
         for name in names:
             hits = [(node, name) for node in node_names if name in manifest.nodes[node].blobs]
@@ -873,9 +886,7 @@ class MultiNodeCheckpointManager:
             t0 = time.perf_counter()
             record = manifest.nodes[node]
             with collect_request_stats() as stats:
-                values = await ShardReader(self._storage, node, record, self._config).read_some(
-                    plan[node], checked=True
-                )
+                values = await readers[node].read_some(plan[node])
             nbytes = sum(record.blobs[b].length for b in plan[node])
             return values, NodeStats(time.perf_counter() - t0, nbytes, 1, stats.requests, stats.retries)
 
@@ -900,16 +911,11 @@ class MultiNodeCheckpointManager:
         otherwise the key the next ``save(epoch)`` will write. ``None`` for an unknown node.
         """
         layout.validate_epoch(epoch)
-        if self._node_names is None or node_name not in self._node_names:
-            known = self._known.get(epoch)
-            if known is not None and node_name in known.manifest.nodes:
-                return known.storage.url_of(known.manifest.nodes[node_name].shard)
-            return None
         known = self._known.get(epoch)
         if known is not None and node_name in known.manifest.nodes:
             return known.storage.url_of(known.manifest.nodes[node_name].shard)
         if node_name not in (self._workspaces or {}):
-            return None  # another process's node: its key is known once the epoch is committed
+            return None  # unknown, or another process's node (known once the epoch is committed)
         return self._storage.url_of(layout.shard_key(epoch, self._writer_id_for(epoch), node_name))
 
     async def get_resume_from_epoch_id(self, user_epoch: int | None = None) -> int | None:
@@ -932,15 +938,9 @@ class MultiNodeCheckpointManager:
         if user_epoch is not None:
             await self._read_manifest(user_epoch, storage)
             return user_epoch
-        for epoch in reversed(await self._committed_epochs(storage)):
-            try:
-                await self._read_manifest(epoch, storage)
-            except CheckpointNotFoundError:
-                continue  # shards without a manifest: an interrupted save
-            except CheckpointCorruptedError as exc:
-                log.warning("skipping epoch %d: %s", epoch, exc)
-                continue
-            return epoch
+        for epoch in reversed(await self._epoch_dirs(storage)):
+            if await self._manifest_or_none(epoch, storage) is not None:
+                return epoch
         return None
 
     async def cp_accessible(self, epoch: int | None = None) -> bool:
@@ -974,17 +974,24 @@ class MultiNodeCheckpointManager:
 
     # ------------------------------------------------------------------ housekeeping
 
+    async def committed_manifests(self) -> list[EpochManifest]:
+        """The manifest of every committed epoch in the save location, by epoch.
+
+        An epoch directory without a manifest (an interrupted save) is left out, and so,
+        with a warning, is one whose manifest does not parse.
+        """
+        await self._ensure_open()
+        epochs = await self._epoch_dirs(self._storage)
+        found, failures = await settle_all(
+            {str(e): self._manifest_or_none(e, self._storage) for e in epochs}, self._config.max_concurrency
+        )
+        if failures:
+            raise combine_node_failures("reading the manifests", failures)
+        return [manifest for e in epochs if (manifest := found[str(e)]) is not None]
+
     async def committed_epochs(self) -> list[int]:
         """Every committed epoch in the save location (manifest present and valid), ascending."""
-        await self._ensure_open()
-        out = []
-        for epoch in await self._committed_epochs(self._storage):
-            try:
-                await self._read_manifest(epoch, self._storage)
-            except (CheckpointNotFoundError, CheckpointCorruptedError):
-                continue
-            out.append(epoch)
-        return out
+        return [manifest.epoch for manifest in await self.committed_manifests()]
 
     async def gc(self, *, grace_period: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Remove the leftovers of interrupted or losing saves in the save location.

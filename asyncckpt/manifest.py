@@ -18,7 +18,7 @@ from typing import Any
 
 from .codec import BlobEntry
 from .errors import CheckpointCorruptedError
-from .layout import validate_epoch, validate_node_name
+from .layout import split_writer_id, validate_epoch, validate_node_name
 
 __all__ = ["EpochManifest", "NodeRecord", "NodeStats", "MANIFEST_VERSION"]
 
@@ -145,7 +145,7 @@ class EpochManifest:
 
     @property
     def run_id(self) -> str:
-        return self.writer_id.partition(".")[0]
+        return split_writer_id(self.writer_id)[0]
 
     def to_json(self) -> bytes:
         created = datetime.fromtimestamp(self.created_unix, tz=UTC).isoformat(timespec="milliseconds")

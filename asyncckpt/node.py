@@ -129,14 +129,8 @@ class ShardReader:
             raise
         return buffer
 
-    async def _check_size(self) -> None:
-        """One HEAD: the shard exists and has the recorded size."""
-        info = await self.storage.head(self.record.shard)
-        if info is None:
-            raise CheckpointNotFoundError(f"{self._where()}: shard object is missing")
-        self.check_size(info.size)
-
     def check_size(self, size: int) -> None:
+        """The shard object's size (from a HEAD) is the recorded one."""
         if size != self.record.size:
             raise CheckpointCorruptedError(
                 f"{self._where()}: shard is {size} bytes, the manifest says {self.record.size} (truncated or replaced)"
@@ -179,16 +173,14 @@ class ShardReader:
             for name, entry in self.record.blobs.items()
         }
 
-    async def read_some(self, names: Iterable[str], *, max_gap: int = 0, checked: bool = False) -> dict[str, Any]:
+    async def read_some(self, names: Iterable[str]) -> dict[str, Any]:
         """Only the named blobs (each must be in the record), fetched with ranged GETs of
-        just their bytes (neighbours within ``max_gap`` bytes share one request).
-        ``checked``: the caller already verified the shard's size."""
+        just their bytes (adjacent blobs share one request). The caller checks that the
+        shard exists with its recorded size (:meth:`check_size` on a HEAD)."""
         wanted = {name: self.record.blobs[name] for name in names}
         if not wanted:
             return {}
-        if not checked:  # the caller has not HEADed the shard yet
-            await self._check_size()
-        ranges = coalesce_ranges(((e.offset, e.offset + e.length) for e in wanted.values()), max_gap)
+        ranges = coalesce_ranges((e.offset, e.offset + e.length) for e in wanted.values())
         buffers: dict[tuple[int, int], memoryview] = {}
 
         async def fetch(rng: tuple[int, int]) -> None:

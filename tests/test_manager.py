@@ -936,3 +936,17 @@ async def test_a_manager_is_unusable_after_its_async_with_block(location: Any) -
             await operation()
     await mgr.close()  # closing twice is harmless
     assert workspaces == {"trainer_0": {"total": 1}}
+
+
+async def test_a_process_holding_some_nodes_loads_them_from_a_path_prefix(tmp_path: Path) -> None:
+    # one process of a two-process job re-roots its reads; set_params must see all the
+    # job's nodes, not only the ones this process holds
+    nodes = ["trainer_0", "trainer_1"]
+    saved = tmp_path / "saved"
+    async with MultiNodeCheckpointManager(saved.as_uri()) as writer:
+        await writer.init({"trainer_0": {"total": 7}, "trainer_1": {"total": 9}})
+        await writer.save(3)
+    async with MultiNodeCheckpointManager((tmp_path / "other").as_uri(), run_id="job") as mgr:
+        await mgr.init(nodes, local_nodes=["trainer_1"])
+        await mgr.load(3, path_prefix=saved.as_uri())
+        assert dict(mgr.workspace("trainer_1")) == {"total": 9}

@@ -26,6 +26,7 @@ __all__ = [
     "MemoryStorage",
     "ObjectInfo",
     "ObjectWriter",
+    "PATH_TYPES",
     "PendingUpload",
     "RequestStats",
     "S3Storage",

@@ -27,7 +27,7 @@ import contextvars
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 from .._tasks import shielded
@@ -76,7 +76,6 @@ class RequestStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     objects_written: int = 0
-    children: list[RequestStats] = field(default_factory=list, repr=False)
 
 
 _current_stats: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(

@@ -490,15 +490,13 @@ class _S3Writer(ObjectWriter):
         self._next_part = 1
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._growing = False
         self._creating: asyncio.Future[Any] | None = None
 
     async def _new_buffer(self) -> None:
         await self._budget.acquire(self._storage._part_capacity)
         # The first part grows with the data, so a small object never pays for a
         # part-sized buffer; later parts reuse warm pooled buffers.
-        self._growing = self._next_part == 1
-        self._buf = bytearray() if self._growing else self._storage._take_part_buffer()
+        self._buf = bytearray() if self._next_part == 1 else self._storage._take_part_buffer()
         self._fill = 0
 
     async def write(self, data: Buffer) -> None:
