@@ -19,15 +19,13 @@ from .errors import (
     CheckpointTimeoutError,
     StorageError,
 )
+from .handler import MetadataHandler
+from .housekeeping import GcReport
 from .launcher import JobIdentity, job_from_env, split_nodes
-from .manager import (
-    ACTIONS,
-    GcReport,
-    MetadataHandler,
-    MultiNodeCheckpointManager,
-    SaveHandle,
-)
+from .manager import MultiNodeCheckpointManager
 from .manifest import EpochManifest, NodeRecord, NodeStats
+from .staging import SaveHandle
+from .stats import ACTIONS
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
@@ -19,13 +20,15 @@ def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return exc
 
 
-async def run_all(aws: Iterable[Awaitable[T]]) -> list[T]:
-    """Run awaitables concurrently; the first failure cancels the rest and is raised as is."""
+async def run_all(aws: Iterable[Awaitable[T]], limit: int | None = None) -> list[T]:
+    """Run awaitables concurrently (at most ``limit`` at once, when given); the first
+    failure cancels the rest and is raised as is. Results come in the input's order."""
     tasks: list[asyncio.Task[T]] = []
+    slots = asyncio.Semaphore(limit) if limit is not None else None
     try:
         async with asyncio.TaskGroup() as tg:
             for aw in aws:
-                tasks.append(tg.create_task(_as_coro(aw)))
+                tasks.append(tg.create_task(_as_coro(aw, slots)))
     except BaseExceptionGroup as group:
         leaf = first_leaf(group)
         raise leaf.with_traceback(leaf.__traceback__) from None
@@ -57,8 +60,19 @@ async def settle_all(named: dict[str, Awaitable[T]], limit: int) -> tuple[dict[s
     return results, failures
 
 
-async def _as_coro(aw: Awaitable[T]) -> T:
-    return await aw
+async def _as_coro(aw: Awaitable[T], slots: asyncio.Semaphore | None = None) -> T:
+    if slots is None:
+        return await aw
+    try:
+        await slots.acquire()
+    except BaseException:
+        if inspect.iscoroutine(aw):
+            aw.close()  # cancelled before it started: never "never awaited"
+        raise
+    try:
+        return await aw
+    finally:
+        slots.release()
 
 
 _background: set[asyncio.Task[Any]] = set()

@@ -14,6 +14,7 @@ so a stale or concurrent writer can never overwrite the shards a manifest names.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 
@@ -23,8 +24,10 @@ __all__ = [
     "decision_key",
     "epoch_dir",
     "manifest_key",
-    "new_attempt_token",
+    "attempt_token",
+    "epoch_of_key",
     "new_run_id",
+    "new_token_seed",
     "parse_epoch_dir",
     "parse_receipt_key",
     "receipt_key",
@@ -81,8 +84,15 @@ def new_run_id() -> str:
     return secrets.token_hex(8)
 
 
-def new_attempt_token() -> str:
-    return secrets.token_hex(6)
+def new_token_seed() -> bytes:
+    """A manager's secret seed for :func:`attempt_token`."""
+    return secrets.token_bytes(16)
+
+
+def attempt_token(seed: bytes, epoch: int, attempt: int) -> str:
+    """The token of save attempt number ``attempt`` (0, 1, ...) of ``epoch`` by the manager
+    holding ``seed``: as unique as a random token, yet known before the attempt starts."""
+    return hashlib.blake2b(f"{epoch}.{attempt}".encode(), key=seed, digest_size=6).hexdigest()
 
 
 def split_writer_id(writer_id: str) -> tuple[str, str]:
@@ -92,6 +102,14 @@ def split_writer_id(writer_id: str) -> tuple[str, str]:
 
 def epoch_dir(epoch: int) -> str:
     return f"{EPOCHS_DIR}/{epoch:0{EPOCH_DIGITS}d}/"
+
+
+def epoch_of_key(key: str) -> int | None:
+    """The epoch of a key inside an epoch's directory (``epochs/<epoch>/...``), or ``None``."""
+    parts = key.split("/", 2)
+    if len(parts) < 3 or parts[0] != EPOCHS_DIR:
+        return None
+    return parse_epoch_dir(parts[1])
 
 
 def parse_epoch_dir(name: str) -> int | None:

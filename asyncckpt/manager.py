@@ -1,185 +1,58 @@
 """``MultiNodeCheckpointManager``: caffe2's multi-node checkpoint manager, on asyncio.
 
-The manager is the only module that knows a job has several nodes. It saves every
-node's shard concurrently, commits the epoch with a create-only manifest, and loads
-all or nothing. See DESIGN.md section 2 for the contract of each method.
+The manager keeps caffe2's surface and delegates: :mod:`.staging` encodes workspaces
+and runs background saves, :mod:`.node` writes and reads one node's shard,
+:mod:`.commit` commits an epoch (create-only manifest, multi-process agreement),
+:mod:`.housekeeping` lists epochs and collects garbage, :mod:`.handler` calls the
+user's metadata handler and :mod:`.stats` keeps the reports. What is left here is the
+order of things: which nodes, which epoch, which storage, all or nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import inspect
 import logging
 import time
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
-from . import codec, layout
-from ._tasks import run_all, settle_all, shielded
-from .codec import EncodedBlob
+from . import layout
+from ._tasks import run_all, shielded
+from .commit import JobCommit, publish_manifest
 from .config import TransferConfig
 from .errors import (
     CheckpointConflictError,
-    CheckpointCorruptedError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointStateError,
-    CheckpointTimeoutError,
-    combine_node_failures,
 )
-from .manifest import EpochManifest, NodeRecord, NodeStats
-from .node import ShardReader, ShardWriter
-from .storage import PATH_TYPES, Storage, parse_location, storage_for
-from .storage.base import ByteBudget, ObjectInfo, collect_request_stats, validate_key
+from .handler import HandlerCalls, MetadataHandler
+from .housekeeping import GcReport, collect_garbage, committed_manifests, latest_committed_epoch
+from .manifest import EpochManifest, read_manifest
+from .node import ShardReader
+from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces
+from .stats import StatsBook
+from .storage import PATH_TYPES, ByteBudget, Storage, parse_location, storage_for
+from .transfer import discard, plan_partial_load, read_nodes, upload_nodes
+from .workspaces import Workspaces, job_workspaces, normalize_nodes
 
-__all__ = ["ACTIONS", "GcReport", "MetadataHandler", "MultiNodeCheckpointManager", "SaveHandle"]
+__all__ = ["MultiNodeCheckpointManager"]
 
 log = logging.getLogger("asyncckpt")
 
-#: Action names of :meth:`MultiNodeCheckpointManager.report_checkpoint_stats` (as in caffe2).
-ACTIONS = ("checkpoint_save", "checkpoint_load", "checkpoint_partial_load")
 DB_TYPES = ("msgpack",)
 
 
-@runtime_checkable
-class MetadataHandler(Protocol):
-    """caffe2's duck-typed metadata handler, made async (plain methods work too).
-
-    The manager always keeps its JSON manifests in the bucket; a handler mirrors
-    checkpoint metadata elsewhere and may steer which epoch to resume from.
-    """
-
-    def set_params(
-        self, db_prefix: str, db_type: str, node_names: list[str], path_prefix: str | None, path_type: str | None
-    ) -> Any: ...
-
-    def write(self, epoch: int) -> Any: ...
-
-    def last_epoch(self, user_epoch: int | None = None) -> Any: ...
-
-    def cp_accessible(self, epoch: int | None = None) -> Any: ...
-
-    def report(self, action_name: str, stats: dict[str, Any]) -> Any: ...
-
-
-_HANDLER_METHODS = ("set_params", "write", "last_epoch", "cp_accessible", "report")
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-@dataclass(frozen=True)
-class _Known:
-    """A manifest this manager wrote or read, and the storage it lives in."""
-
-    manifest: EpochManifest
-    storage: Storage
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What :meth:`MultiNodeCheckpointManager.gc` deleted (or, in a dry run, would delete)."""
-
-    deleted: list[str]
-    aborted_uploads: list[str]
-    kept_recent: int
-    skipped_epochs: list[int]
-    dry_run: bool
-
-
-_COMMIT = b"commit"
-_ABORT = b"abort"
-
-
 @dataclass
-class _EpochListing:
-    has_manifest: bool = False
-    has_decision: bool = False
-    receipts: dict[str, str] = field(default_factory=dict)
+class _EpochState:
+    """What this manager knows of one epoch."""
 
-
-def _empty_report(action: str) -> dict[str, Any]:
-    return {"action": action, "epoch": None, "nodes": {}, "slowest_node": None, "seconds": 0.0, "bytes": 0}
-
-
-class SaveHandle:
-    """The pending commit of :meth:`MultiNodeCheckpointManager.save_async`.
-
-    ``await handle`` (or ``await handle.wait()``) returns once the epoch is committed
-    and raises the save's error otherwise. Cancelling a waiter does not cancel the
-    save; :meth:`cancel` does.
-    """
-
-    def __init__(self, epoch: int, task: asyncio.Task[None], blocking_seconds: float):
-        self.epoch = epoch
-        #: how long ``save_async`` held the caller (the snapshot), in seconds
-        self.blocking_seconds = blocking_seconds
-        self._task = task
-        self._seen = False
-        self._waiters = 0
-
-    def done(self) -> bool:
-        return self._task.done()
-
-    def cancel(self) -> bool:
-        """Cancel the background save (the epoch is then not committed)."""
-        return self._task.cancel()
-
-    async def wait(self) -> None:
-        self._waiters += 1
-        try:
-            await asyncio.shield(self._task)
-        finally:
-            self._waiters -= 1
-            if self._task.done():
-                self._seen = True
-
-    def __await__(self) -> Any:
-        return self.wait().__await__()
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "in flight"
-        return f"<SaveHandle epoch={self.epoch} {state}>"
-
-
-def _snapshot_encode_all(
-    workspaces: Mapping[str, Mapping[str, Any]], staging: dict[str, dict[str, np.ndarray[Any, Any]]]
-) -> dict[str, list[EncodedBlob]]:
-    """Copy arrays into (reused) staging buffers and encode every node: after this
-    returns, nothing refers to the caller's mutable objects. Runs in a worker thread."""
-    encoded = {}
-    for node, blobs in workspaces.items():
-        stage = staging.setdefault(node, {})
-        frozen: dict[str, Any] = {}
-        for name, value in blobs.items():
-            if isinstance(value, np.ndarray):
-                order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
-                buf = stage.get(name)
-                if (
-                    buf is None
-                    or buf.shape != value.shape
-                    or buf.dtype != value.dtype
-                    or (order == "F" and not buf.flags.f_contiguous)
-                ):
-                    buf = np.empty(value.shape, value.dtype, order=order)
-                    stage[name] = buf
-                np.copyto(buf, value)
-                frozen[name] = buf
-            elif isinstance(value, (bytearray, memoryview)):
-                frozen[name] = bytes(value)
-            else:
-                frozen[name] = value  # immutable, or packed into new bytes by the encoder
-        for stale in set(stage) - set(frozen):
-            del stage[stale]
-        encoded[node] = codec.encode_blobs(node, frozen)
-    for stale in set(staging) - set(workspaces):
-        del staging[stale]
-    return encoded
+    attempts: int = 0  # save attempts started: the next one is number `attempts`
+    staged: EpochManifest | None = None  # uploaded, its commit not yet written
+    known: EpochManifest | None = None  # committed: written, read or loaded here
+    known_in: Storage | None = None  # the storage that holds `known`
+    committed_here: bool = False  # this manager's commit stands
 
 
 class MultiNodeCheckpointManager:
@@ -210,37 +83,28 @@ class MultiNodeCheckpointManager:
     ):
         if db_type not in DB_TYPES:
             raise ValueError(f"unknown db_type {db_type!r}; supported: {DB_TYPES}")
-        if metadata_handler is not None:
-            missing = [m for m in _HANDLER_METHODS if not callable(getattr(metadata_handler, m, None))]
-            if missing:
-                raise TypeError(f"metadata_handler lacks method(s) {missing} of the MetadataHandler protocol")
         if config is not None and not isinstance(config, TransferConfig):
             raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
+        self._handler = HandlerCalls(metadata_handler) if metadata_handler is not None else None
         self._db_prefix = db_prefix
         self._db_type = db_type
-        self._handler = metadata_handler
         self._storage_options = dict(storage_options or {})
         self._config = config or TransferConfig()
         self._run_id = layout.validate_run_id(run_id) if run_id is not None else layout.new_run_id()
+        self._token_seed = layout.new_token_seed()
         self._storage = storage_for(db_prefix, options=self._storage_options, config=self._config)
         self._read_storage: Storage | None = None
         self._path_prefix: str | None = None
         self._path_type: str | None = None
         self._node_names: list[str] | None = None
-        self._workspaces: dict[str, MutableMapping[str, Any]] | None = None
-        self._handler_params_sent = False
+        self._workspaces: Workspaces | None = None
         self._open_lock: asyncio.Lock | None = None
         self._opened: list[Storage] = []
         self._closed = False
-        self._budget: ByteBudget | None = None
-        self._known: dict[int, _Known] = {}
-        self._pending_writer: dict[int, str] = {}
-        self._staged: dict[int, EpochManifest] = {}
-        self._committed_here: set[int] = set()
-        self._reports: dict[str, dict[str, Any]] = {}
-        self._inflight: SaveHandle | None = None
-        self._failed_unseen: list[SaveHandle] = []
-        self._staging_free: list[dict[str, dict[str, np.ndarray[Any, Any]]]] = []
+        self._budget = ByteBudget(self._config.max_bytes_in_flight)
+        self._epochs: dict[int, _EpochState] = {}
+        self._stats = StatsBook()
+        self._background = BackgroundSaves()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,14 +122,14 @@ class MultiNodeCheckpointManager:
         whose handle was never awaited raises here, so its error is never lost.
         """
         try:
-            await self._wait_inflight(raise_failures=False)
+            await self._background.drain(raise_failures=False)
         finally:
             self._closed = True
             opened, self._opened = self._opened, []
             for storage in opened:
                 await storage.close()
-            self._staging_free.clear()
-        self._raise_unseen_failure()
+            self._background.release()
+        self._background.raise_unseen()
 
     async def _ensure_open(self) -> None:
         if self._closed:
@@ -273,22 +137,13 @@ class MultiNodeCheckpointManager:
         if self._open_lock is None:
             self._open_lock = asyncio.Lock()
         async with self._open_lock:
-            if self._budget is None:
-                self._budget = ByteBudget(self._config.max_bytes_in_flight)
             for storage in (self._storage, self._read_storage):
                 if storage is not None and storage not in self._opened:
                     await storage.open()
                     self._opened.append(storage)
-        if self._handler is not None and not self._handler_params_sent and self._node_names is not None:
-            self._handler_params_sent = True
-            await _maybe_await(
-                self._handler.set_params(
-                    db_prefix=self._db_prefix,
-                    db_type=self._db_type,
-                    node_names=list(self._node_names),
-                    path_prefix=self._path_prefix,
-                    path_type=self._path_type,
-                )
+        if self._handler is not None and self._node_names is not None:
+            await self._handler.set_params_once(
+                self._db_prefix, self._db_type, self._node_names, self._path_prefix, self._path_type
             )
 
     @property
@@ -309,40 +164,36 @@ class MultiNodeCheckpointManager:
         """The node names given to :meth:`init` (or :meth:`set_params`), in order."""
         return list(self._node_names or [])
 
+    @property
+    def local_nodes(self) -> list[str]:
+        """The nodes this process holds (all of them unless ``init(local_nodes=...)``)."""
+        return list(self._workspaces or [])
+
     def workspace(self, node: str) -> MutableMapping[str, Any]:
         """The mapping holding ``node``'s blobs; :meth:`load` writes into this same object."""
-        if self._workspaces is None:
-            raise CheckpointStateError("init(nodes) must be called before workspace()")
+        workspaces = self._require_init("workspace()")
         try:
-            return self._workspaces[node]
+            return workspaces[node]
         except KeyError:
             raise KeyError(f"unknown node {node!r}; nodes are {self.nodes}") from None
 
-    # ------------------------------------------------------------------ parameters
+    def _require_init(self, what: str) -> Workspaces:
+        if self._workspaces is None:
+            raise CheckpointStateError(f"init(nodes) must be called before {what}")
+        return self._workspaces
 
-    @staticmethod
-    def _normalize_nodes(nodes: Any) -> dict[str, MutableMapping[str, Any]]:
-        if isinstance(nodes, (str, bytes)):
-            raise TypeError(f"nodes must be a sequence of node names or a mapping, not a single {type(nodes).__name__}")
-        if isinstance(nodes, Mapping):
-            pairs = list(nodes.items())
-        elif isinstance(nodes, Iterable):
-            pairs = [(name, None) for name in nodes]
-        else:
-            raise TypeError(f"nodes must be a sequence of node names or a mapping, got {type(nodes).__name__}")
-        if not pairs:
-            raise ValueError("nodes must name at least one node")
-        out: dict[str, MutableMapping[str, Any]] = {}
-        for name, workspace in pairs:
-            layout.validate_node_name(name)
-            if name in out:
-                raise ValueError(f"duplicate node name {name!r}")
-            if workspace is None:
-                workspace = {}
-            elif not isinstance(workspace, MutableMapping):
-                raise TypeError(f"workspace of node {name!r} must be a MutableMapping, got {type(workspace).__name__}")
-            out[name] = workspace
-        return out
+    def _epoch(self, epoch: int) -> _EpochState:
+        return self._epochs.setdefault(epoch, _EpochState())
+
+    def _remember(self, manifest: EpochManifest, storage: Storage) -> None:
+        state = self._epoch(manifest.epoch)
+        state.known, state.known_in = manifest, storage
+
+    @property
+    def _reader(self) -> Storage:
+        return self._read_storage or self._storage
+
+    # ------------------------------------------------------------------ parameters
 
     def set_params(self, nodes: Any, path_prefix: str | None = None, path_type: str | None = None) -> None:
         """Store the node names, and ``path_prefix``/``path_type`` when they are truthy.
@@ -351,7 +202,7 @@ class MultiNodeCheckpointManager:
         and ``cp_accessible(epoch)``) to another location; saves keep going to
         ``db_prefix``. Invalid values raise before anything changes.
         """
-        names = list(self._normalize_nodes(nodes))
+        names = list(normalize_nodes(nodes))
         if self._node_names is not None and names != self._node_names:
             raise CheckpointStateError(f"this manager already manages nodes {self._node_names}; got {names}")
         new_type = path_type or self._path_type
@@ -369,16 +220,8 @@ class MultiNodeCheckpointManager:
         self._node_names = names
         self._path_prefix, self._path_type = new_prefix, new_type
         self._read_storage = read_storage
-        self._handler_params_sent = False
-
-    @property
-    def _reader(self) -> Storage:
-        return self._read_storage or self._storage
-
-    def _require_init(self, what: str) -> dict[str, MutableMapping[str, Any]]:
-        if self._workspaces is None:
-            raise CheckpointStateError(f"init(nodes) must be called before {what}")
-        return self._workspaces
+        if self._handler is not None:
+            self._handler.params_changed()
 
     # ------------------------------------------------------------------ init
 
@@ -403,16 +246,7 @@ class MultiNodeCheckpointManager:
         :class:`CheckpointNotFoundError`. A second ``init`` with the same nodes is a
         no-op; with other nodes an error.
         """
-        normalized = self._normalize_nodes(nodes)
-        if local_nodes is None:
-            local = normalized
-        else:
-            local = self._normalize_nodes(local_nodes)
-            strangers = [n for n in local if n not in normalized]
-            if strangers:
-                raise ValueError(f"local_nodes {strangers} are not among the job's nodes {list(normalized)}")
-            if isinstance(nodes, Mapping):
-                local = {n: (ws if isinstance(local_nodes, Mapping) else normalized[n]) for n, ws in local.items()}
+        normalized, local = job_workspaces(nodes, local_nodes)
         if retrieve_from_epoch is not None:
             layout.validate_epoch(retrieve_from_epoch)
         if self._workspaces is not None and (
@@ -427,66 +261,9 @@ class MultiNodeCheckpointManager:
             self._workspaces = local
         await self._ensure_open()
         if retrieve_from_epoch is not None:
-            manifest = await self._read_manifest(retrieve_from_epoch, self._reader)
-            self._check_nodes_present(manifest, list(local))
-            self._known[retrieve_from_epoch] = _Known(manifest, self._reader)
-
-    @property
-    def local_nodes(self) -> list[str]:
-        """The nodes this process holds (all of them unless ``init(local_nodes=...)``)."""
-        return list(self._workspaces or [])
-
-    @staticmethod
-    def _check_nodes_present(manifest: EpochManifest, nodes: Sequence[str]) -> None:
-        missing = [n for n in nodes if n not in manifest.nodes]
-        if missing:
-            raise CheckpointNotFoundError(
-                f"epoch {manifest.epoch} has no shard for node(s) {missing} (it holds {sorted(manifest.nodes)})"
-            )
-
-    # ------------------------------------------------------------------ manifests
-
-    async def _read_manifest(self, epoch: int, storage: Storage) -> EpochManifest:
-        key = layout.manifest_key(epoch)
-        try:
-            data = await storage.get(key)
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"epoch {epoch} is not committed in {storage.url}") from None
-        where = storage.url_of(key)
-        manifest = EpochManifest.from_json(data, where)
-        if manifest.epoch != epoch:
-            raise CheckpointCorruptedError(f"{where}: manifest says epoch {manifest.epoch}")
-        prefix = layout.epoch_dir(epoch)
-        for node, record in manifest.nodes.items():
-            for key_ in (record.shard, record.receipt):
-                try:
-                    validate_key(key_)
-                except ValueError:
-                    raise CheckpointCorruptedError(f"{where}: node {node!r} names an invalid key {key_!r}") from None
-                if not key_.startswith(prefix):
-                    raise CheckpointCorruptedError(f"{where}: node {node!r} names {key_!r}, outside epoch {epoch}")
-        return manifest
-
-    async def _epoch_dirs(self, storage: Storage) -> list[int]:
-        """The epochs that have a directory (committed or not), ascending."""
-        names = await storage.list_dirs(layout.EPOCHS_DIR + "/")
-        return sorted(e for e in (layout.parse_epoch_dir(n) for n in names) if e is not None)
-
-    async def _manifest_or_none(self, epoch: int, storage: Storage) -> EpochManifest | None:
-        """The epoch's manifest; ``None`` if it has none (an interrupted save) or if it does
-        not parse (logged)."""
-        try:
-            return await self._read_manifest(epoch, storage)
-        except CheckpointNotFoundError:
-            return None
-        except CheckpointCorruptedError as exc:
-            log.warning("skipping epoch %d: %s", epoch, exc)
-            return None
-
-    def _writer_id_for(self, epoch: int) -> str:
-        if epoch not in self._pending_writer:
-            self._pending_writer[epoch] = f"{self._run_id}.{layout.new_attempt_token()}"
-        return self._pending_writer[epoch]
+            manifest = await read_manifest(self._reader, retrieve_from_epoch)
+            _check_nodes_present(manifest, list(local))
+            self._remember(manifest, self._reader)
 
     # ------------------------------------------------------------------ save
 
@@ -498,6 +275,7 @@ class MultiNodeCheckpointManager:
         job commits it first), and one error naming every failed node otherwise (a
         :class:`StorageError` when all causes are storage failures). After any failure
         the epoch is not committed by this call and earlier epochs are untouched.
+        The workspaces are read while they upload: do not mutate them until it returns.
 
         When the job runs as several processes (``init(local_nodes=...)``), each
         process uploads its nodes' shards and receipts, then waits until every node's
@@ -508,10 +286,9 @@ class MultiNodeCheckpointManager:
         """
         layout.validate_epoch(epoch)
         workspaces = self._require_init("save()")
-        await self._wait_inflight()
-        encoded: dict[str, list[EncodedBlob]] = {}
-        for node, ws in workspaces.items():
-            encoded[node] = await ShardWriter.encode(node, dict(ws))
+        await self._background.drain()
+        current = {node: dict(ws) for node, ws in workspaces.items()}
+        encoded = await asyncio.to_thread(encode_workspaces, current)
         await self._save_encoded(epoch, encoded)
 
     async def save_async(self, epoch: int) -> SaveHandle:
@@ -532,221 +309,51 @@ class MultiNodeCheckpointManager:
         started = time.perf_counter()
         layout.validate_epoch(epoch)
         workspaces = self._require_init("save_async()")
-        await self._wait_inflight()
+        await self._background.drain()
         await self._ensure_open()
-        staging = self._staging_free.pop() if self._staging_free else {}
-        current = {node: dict(ws) for node, ws in workspaces.items()}
-        try:
-            encoded = await asyncio.to_thread(_snapshot_encode_all, current, staging)
-        except BaseException:
-            self._staging_free.append(staging)
-            raise
-        task = asyncio.create_task(self._save_encoded(epoch, encoded))
-        handle = SaveHandle(epoch, task, time.perf_counter() - started)
-        self._inflight = handle
+        encoded, staging = await self._background.snapshot(workspaces)
+        return self._background.start(epoch, self._save_encoded(epoch, encoded), staging, time.perf_counter() - started)
 
-        def finished(_: asyncio.Task[None]) -> None:
-            self._staging_free.append(staging)
-            if not task.cancelled() and task.exception() is not None:
-                self._failed_unseen.append(handle)
-                if not handle._waiters:  # nobody is awaiting it: make sure it is seen
-                    log.error("background save of epoch %d failed: %s", epoch, task.exception())
-
-        task.add_done_callback(finished)
-        return handle
-
-    async def _wait_inflight(self, *, raise_failures: bool = True) -> None:
-        handle = self._inflight
-        if handle is not None and not handle.done():
-            await asyncio.wait([handle._task])
-        self._inflight = None
-        if raise_failures:
-            self._raise_unseen_failure()
-
-    def _raise_unseen_failure(self) -> None:
-        unseen = [h for h in self._failed_unseen if not h._seen]
-        self._failed_unseen.clear()
-        if unseen:
-            unseen[0]._seen = True
-            exc = unseen[0]._task.exception()
-            assert exc is not None
-            raise exc
-
-    async def _save_encoded(self, epoch: int, encoded: dict[str, list[EncodedBlob]]) -> None:
+    async def _save_encoded(self, epoch: int, encoded: Encoded) -> None:
+        """Upload the local nodes' shards as a new attempt at ``epoch``, then commit it."""
         await self._ensure_open()
         if await self._storage.exists(layout.manifest_key(epoch)):
             raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
-        writer_id = self._writer_id_for(epoch)
-        self._pending_writer.pop(epoch, None)  # every attempt gets fresh keys
+        state = self._epoch(epoch)
+        writer_id = self._writer_id(epoch, state.attempts)
+        state.attempts += 1  # every attempt gets fresh keys
         started = time.perf_counter()
-        records = await self._upload_local_nodes(epoch, writer_id, encoded)
+        records = await upload_nodes(
+            self._storage, self._budget, epoch, writer_id, encoded, self._config.max_nodes_in_flight
+        )
         # From here on our receipts may be part of a commit: never delete them.
         manifest = EpochManifest(epoch, writer_id, records, self._db_type)
-        if set(records) != set(self._node_names or ()):
-            committed, to_commit = await self._agree_on_commit(epoch, writer_id, records, started)
+        if set(records) != set(self.nodes):
+            job = JobCommit(self._storage, self._run_id, self.nodes, self._config.commit_timeout, self._db_type)
+            committed, to_commit = await job.agree(epoch, writer_id, records, started)
             if committed is not None:  # another process of this job committed it
-                self._known[epoch] = _Known(committed, self._storage)
-                self._record_report("checkpoint_save", epoch, committed, time.perf_counter() - started)
+                self._remember(committed, self._storage)
+                self._stats.record("checkpoint_save", committed, time.perf_counter() - started, self._storage)
                 return
             assert to_commit is not None
             manifest = to_commit
-        self._staged[epoch] = manifest
+        state.staged = manifest
         try:
             await self.write_checkpoint_metadata(epoch)
         except CheckpointConflictError:
             # another job won: our objects are named by no manifest and never will be
-            self._staged.pop(epoch, None)
-            if len(records) == len(self._node_names or ()):
-                await shielded(self._discard([k for r in records.values() for k in (r.shard, r.receipt)]))
+            state.staged = None
+            if len(records) == len(self.nodes):
+                await shielded(discard(self._storage, [k for r in records.values() for k in (r.shard, r.receipt)]))
             raise
         except BaseException:
-            self._staged.pop(epoch, None)
+            state.staged = None
             raise
-        committed = self._known[epoch].manifest
-        self._record_report("checkpoint_save", epoch, committed, time.perf_counter() - started)
+        assert state.known is not None
+        self._stats.record("checkpoint_save", state.known, time.perf_counter() - started, self._storage)
 
-    async def _upload_local_nodes(
-        self, epoch: int, writer_id: str, encoded: dict[str, list[EncodedBlob]]
-    ) -> dict[str, NodeRecord]:
-        """Upload every local node's shard and receipt; on any failure remove what this
-        attempt wrote (best effort) and raise one error naming every failed node."""
-        assert self._budget is not None
-        budget = self._budget
-        written: list[str] = []
-
-        async def save_node(node: str) -> NodeRecord:
-            shard = layout.shard_key(epoch, writer_id, node)
-            receipt = layout.receipt_key(epoch, writer_id, node)
-            written.extend((shard, receipt))
-            writer = ShardWriter(self._storage, node, budget)
-            return await writer.write(shard, receipt, encoded[node], epoch=epoch, writer_id=writer_id)
-
-        try:
-            records, failures = await settle_all(
-                {node: save_node(node) for node in encoded}, self._config.max_nodes_in_flight
-            )
-            if failures:
-                raise combine_node_failures(f"save of epoch {epoch}", failures)
-        except BaseException:
-            await shielded(self._discard(written))
-            raise
-        return {node: records[node] for node in encoded}
-
-    async def _agree_on_commit(
-        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord], started: float
-    ) -> tuple[EpochManifest | None, EpochManifest | None]:
-        """Multi-process save: wait until every node of the job has a receipt, then agree,
-        through one create-only *decision* object per job and epoch, to commit or abort.
-
-        Returns ``(committed manifest, None)`` when this job's manifest already exists,
-        or ``(None, manifest to write)`` once the job decided to commit (any process
-        may then write the manifest: create-only, so one write wins and the others see
-        their own job's manifest). At the deadline a process decides "abort", so a
-        straggler can never commit an epoch the others gave up on; it raises
-        :class:`CheckpointTimeoutError`. A manifest of another job raises
-        :class:`CheckpointConflictError`.
-        """
-        deadline = started + self._config.commit_timeout
-        decision_key = layout.decision_key(epoch, self._run_id)
-        nodes = list(self._node_names or ())
-        delay = 0.02
-        while True:
-            listing = await self._epoch_listing(epoch)
-            if listing.has_manifest:
-                existing = await self._read_manifest(epoch, self._storage)
-                if existing.run_id != self._run_id:
-                    raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {existing.writer_id}")
-                return existing, None
-            missing = [n for n in nodes if n not in local and n not in listing.receipts]
-            decision = await self._read_decision(decision_key) if listing.has_decision else None
-            if decision is None and not missing:
-                decision = await self._decide(decision_key, _COMMIT)
-            elif decision is None and time.perf_counter() >= deadline:
-                decision = await self._decide(decision_key, _ABORT)
-                if decision == _ABORT:
-                    raise CheckpointTimeoutError(
-                        f"epoch {epoch} not committed: no receipt from node(s) {missing} within "
-                        f"{self._config.commit_timeout:g} s (their process may have crashed)",
-                        missing_nodes=missing,
-                    )
-            if decision == _ABORT:
-                raise CheckpointTimeoutError(
-                    f"epoch {epoch} not committed: the job gave up on it at the deadline (node(s) {missing} "
-                    "were late); save a later epoch",
-                    missing_nodes=missing,
-                )
-            if decision == _COMMIT and not missing:
-                return None, await self._manifest_from_receipts(epoch, writer_id, local, listing.receipts)
-            now = time.perf_counter()
-            await asyncio.sleep(min(delay, max(deadline - now, 0.0)) if now < deadline else delay)
-            delay = min(delay * 1.5, 0.25)
-
-    async def _decide(self, key: str, decision: bytes) -> bytes:
-        """Write ``decision`` create-only; returns the decision that stands."""
-        try:
-            await self._storage.put(key, decision, create_only=True)
-            return decision
-        except CheckpointConflictError:
-            standing = await self._read_decision(key)
-            assert standing is not None
-            return standing
-
-    async def _read_decision(self, key: str) -> bytes | None:
-        try:
-            data = await self._storage.get(key)
-        except CheckpointNotFoundError:
-            return None
-        if data not in (_COMMIT, _ABORT):
-            raise CheckpointCorruptedError(f"{self._storage.url_of(key)}: not a commit decision")
-        return data
-
-    async def _epoch_listing(self, epoch: int) -> _EpochListing:
-        """One listing of the epoch's directory: manifest, this job's decision, and this
-        job's receipt key per node (the newest attempt of each node)."""
-        listing = _EpochListing()
-        newest: dict[str, tuple[float, str]] = {}
-        manifest_key = layout.manifest_key(epoch)
-        decision_key = layout.decision_key(epoch, self._run_id)
-        async for info in self._storage.list(layout.epoch_dir(epoch)):
-            if info.key == manifest_key:
-                listing.has_manifest = True
-            elif info.key == decision_key:
-                listing.has_decision = True
-            elif (parsed := layout.parse_receipt_key(info.key)) is not None:
-                writer_id, node = parsed
-                if layout.split_writer_id(writer_id)[0] == self._run_id:
-                    stamp = (info.last_modified or 0.0, info.key)
-                    if node not in newest or stamp > newest[node]:
-                        newest[node] = stamp
-        listing.receipts = {node: key for node, (_, key) in newest.items()}
-        return listing
-
-    async def _manifest_from_receipts(
-        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord], receipts: Mapping[str, str]
-    ) -> EpochManifest:
-        """The epoch's manifest: our local records plus every other node's receipt."""
-        records = dict(local)
-        remote = [n for n in self._node_names or () if n not in local]
-
-        async def read(node: str) -> NodeRecord:
-            where = self._storage.url_of(receipts[node])
-            got_epoch, _, record = NodeRecord.from_receipt(await self._storage.get(receipts[node]), where)
-            if got_epoch != epoch or record.node != node or record.receipt != receipts[node]:
-                raise CheckpointCorruptedError(f"{where}: receipt does not describe node {node!r} of epoch {epoch}")
-            return record
-
-        for node, record in zip(remote, await run_all(read(n) for n in remote)):
-            records[node] = record
-        return EpochManifest(epoch, writer_id, {n: records[n] for n in self._node_names or ()}, self._db_type)
-
-    async def _discard(self, keys: list[str]) -> None:
-        """Best-effort removal of an uncommitted attempt's objects (gc catches the rest)."""
-        if not keys:
-            return
-        try:
-            await self._storage.delete(keys)
-        except CheckpointError as exc:
-            log.warning("could not remove %d object(s) of a failed save: %s", len(keys), exc)
+    def _writer_id(self, epoch: int, attempt: int) -> str:
+        return f"{self._run_id}.{layout.attempt_token(self._token_seed, epoch, attempt)}"
 
     async def write_checkpoint_metadata(self, epoch: int) -> None:
         """Commit ``epoch``: write its manifest create-only, then tell the metadata handler.
@@ -757,42 +364,21 @@ class MultiNodeCheckpointManager:
         writer id and is success.
         """
         layout.validate_epoch(epoch)
-        if epoch in self._committed_here and epoch not in self._staged:
+        state = self._epochs.get(epoch) or _EpochState()
+        if state.committed_here and state.staged is None:
             return
-        manifest = self._staged.get(epoch)
+        manifest = state.staged
         if manifest is None:
             raise CheckpointStateError(f"no saved shards of epoch {epoch} to commit; call save({epoch})")
         await self._ensure_open()
-        key = layout.manifest_key(epoch)
-        try:
-            await self._storage.put(key, manifest.to_json(), create_only=True)
-        except CheckpointConflictError:
-            try:
-                existing = await self._read_manifest(epoch, self._storage)
-            except CheckpointError:
-                existing = None
-            if existing is None or existing.run_id != manifest.run_id:
-                other = existing.writer_id if existing is not None else "an unknown writer"
-                raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {other}") from None
-            # Our own job's manifest: either our PUT succeeded and its response was lost
-            # (the retry saw our manifest), or another process of this job committed.
-            self._staged.pop(epoch, None)
-            self._committed_here.add(epoch)
-            self._known[epoch] = _Known(existing, self._storage)
-            if existing.writer_id != manifest.writer_id:
-                return  # the committing process tells the metadata handler
-        self._staged.pop(epoch, None)
-        self._committed_here.add(epoch)
-        self._known[epoch] = _Known(manifest, self._storage)
+        standing = await publish_manifest(self._storage, manifest)
+        state.staged = None
+        state.committed_here = True
+        self._remember(standing, self._storage)
+        if standing.writer_id != manifest.writer_id:
+            return  # another process of this job committed: it tells the metadata handler
         if self._handler is not None:
-            try:
-                await _maybe_await(self._handler.write(epoch=epoch))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(
-                    f"epoch {epoch} is committed, but the metadata handler's write failed: {type(exc).__name__}: {exc}"
-                ) from exc
+            await self._handler.committed(epoch)
 
     # ------------------------------------------------------------------ load
 
@@ -810,26 +396,20 @@ class MultiNodeCheckpointManager:
         await self._ensure_open()
         started = time.perf_counter()
         storage = self._reader
-        manifest = await self._read_manifest(epoch, storage)
-        self._check_nodes_present(manifest, list(workspaces))
+        manifest = await read_manifest(storage, epoch)
+        _check_nodes_present(manifest, list(workspaces))
 
-        async def load_node(node: str) -> tuple[dict[str, Any], NodeStats]:
-            t0 = time.perf_counter()
+        async def read_node(node: str) -> tuple[dict[str, Any], int]:
             record = manifest.nodes[node]
-            with collect_request_stats() as stats:
-                values = await ShardReader(storage, node, record, self._config).read_all()
-            return values, NodeStats(time.perf_counter() - t0, record.size, 1, stats.requests, stats.retries)
+            return await ShardReader(storage, node, record, self._config).read_all(), record.size
 
-        results, failures = await settle_all(
-            {node: load_node(node) for node in workspaces}, self._config.max_nodes_in_flight
+        values, node_stats = await read_nodes(
+            f"load of epoch {epoch}", workspaces, read_node, self._config.max_nodes_in_flight
         )
-        if failures:
-            raise combine_node_failures(f"load of epoch {epoch}", failures)
-        for node, (values, _) in results.items():
-            workspaces[node].update(values)
-        self._known[epoch] = _Known(manifest, storage)
-        node_stats = {node: stats for node, (_, stats) in results.items()}
-        self._record_report("checkpoint_load", epoch, manifest, time.perf_counter() - started, node_stats, storage)
+        for node, blobs in values.items():
+            workspaces[node].update(blobs)
+        self._remember(manifest, storage)
+        self._stats.record("checkpoint_load", manifest, time.perf_counter() - started, storage, node_stats)
 
     async def load_blobs_locally(
         self, nodes: Any, blob_names: Sequence[str], epoch: int, session: MutableMapping[str, Any]
@@ -842,7 +422,7 @@ class MultiNodeCheckpointManager:
         are fetched. Returns ``False``, leaving ``session`` untouched, when the epoch or
         a listed node's shard does not exist.
         """
-        node_names = list(self._normalize_nodes(nodes))
+        node_names = list(normalize_nodes(nodes))
         if isinstance(blob_names, (str, bytes)) or not isinstance(blob_names, Iterable):
             raise TypeError("blob_names must be a sequence of blob names")
         names = list(blob_names)
@@ -854,52 +434,34 @@ class MultiNodeCheckpointManager:
             raise TypeError(f"session must be a MutableMapping, got {type(session).__name__}")
         await self._ensure_open()
         started = time.perf_counter()
-        self._reports["checkpoint_partial_load"] = {**_empty_report("checkpoint_partial_load"), "epoch": epoch}
+        storage = self._storage
+        self._stats.started("checkpoint_partial_load", epoch)
         try:
-            manifest = await self._read_manifest(epoch, self._storage)
+            manifest = await read_manifest(storage, epoch)
         except CheckpointNotFoundError:
             return False
         if any(node not in manifest.nodes for node in node_names):
             return False
-        readers = {node: ShardReader(self._storage, node, manifest.nodes[node], self._config) for node in node_names}
-        shards = await run_all(self._storage.head(manifest.nodes[node].shard) for node in node_names)
+        readers = {node: ShardReader(storage, node, manifest.nodes[node], self._config) for node in node_names}
+        shards = await run_all(storage.head(manifest.nodes[node].shard) for node in node_names)
         if any(info is None for info in shards):
             return False  # a listed node's shard is gone: nothing is loaded
         for node, info in zip(node_names, shards):
             assert info is not None
             readers[node].check_size(info.size)
-        plan: dict[str, dict[str, str]] = {}  # node -> {blob name: session key}
-        for name in names:
-            hits = [(node, name) for node in node_names if name in manifest.nodes[node].blobs]
-            if not hits and "/" in name:
-                node, _, blob = name.partition("/")
-                if node in node_names and blob in manifest.nodes[node].blobs:
-                    hits = [(node, blob)]
-            if len(hits) > 1:
-                raise ValueError(
-                    f"blob {name!r} exists on nodes {[n for n, _ in hits]}; name it as 'node/{name}' to pick one"
-                )
-            for node, blob in hits:
-                plan.setdefault(node, {})[blob] = name
+        plan = plan_partial_load(manifest, node_names, names)
 
-        async def load_node(node: str) -> tuple[dict[str, Any], NodeStats]:
-            t0 = time.perf_counter()
-            record = manifest.nodes[node]
-            with collect_request_stats() as stats:
-                values = await readers[node].read_some(plan[node])
-            nbytes = sum(record.blobs[b].length for b in plan[node])
-            return values, NodeStats(time.perf_counter() - t0, nbytes, 1, stats.requests, stats.retries)
+        async def read_node(node: str) -> tuple[dict[str, Any], int]:
+            blobs = manifest.nodes[node].blobs
+            return await readers[node].read_some(plan[node]), sum(blobs[b].length for b in plan[node])
 
-        results, failures = await settle_all({node: load_node(node) for node in plan}, self._config.max_nodes_in_flight)
-        if failures:
-            raise combine_node_failures(f"partial load of epoch {epoch}", failures)
-        for node, (values, _) in results.items():
-            for blob, value in values.items():
-                session[plan[node][blob]] = value
-        node_stats = {node: stats for node, (_, stats) in results.items()}
-        self._record_report(
-            "checkpoint_partial_load", epoch, manifest, time.perf_counter() - started, node_stats, self._storage
+        values, node_stats = await read_nodes(
+            f"partial load of epoch {epoch}", plan, read_node, self._config.max_nodes_in_flight
         )
+        for node, blobs in values.items():
+            for blob, value in blobs.items():
+                session[plan[node][blob]] = value
+        self._stats.record("checkpoint_partial_load", manifest, time.perf_counter() - started, storage, node_stats)
         return True
 
     # ------------------------------------------------------------------ queries
@@ -911,12 +473,12 @@ class MultiNodeCheckpointManager:
         otherwise the key the next ``save(epoch)`` will write. ``None`` for an unknown node.
         """
         layout.validate_epoch(epoch)
-        known = self._known.get(epoch)
-        if known is not None and node_name in known.manifest.nodes:
-            return known.storage.url_of(known.manifest.nodes[node_name].shard)
+        state = self._epochs.get(epoch) or _EpochState()
+        if state.known is not None and state.known_in is not None and node_name in state.known.nodes:
+            return state.known_in.url_of(state.known.nodes[node_name].shard)
         if node_name not in (self._workspaces or {}):
             return None  # unknown, or another process's node (known once the epoch is committed)
-        return self._storage.url_of(layout.shard_key(epoch, self._writer_id_for(epoch), node_name))
+        return self._storage.url_of(layout.shard_key(epoch, self._writer_id(epoch, state.attempts), node_name))
 
     async def get_resume_from_epoch_id(self, user_epoch: int | None = None) -> int | None:
         """The epoch to resume from.
@@ -931,17 +493,14 @@ class MultiNodeCheckpointManager:
         await self._ensure_open()
         storage = self._reader
         if self._handler is not None:
-            answer = await _maybe_await(self._handler.last_epoch(user_epoch=user_epoch))
+            answer = await self._handler.last_epoch(user_epoch)
             if answer is None:
                 return None
             user_epoch = layout.validate_epoch(answer)
         if user_epoch is not None:
-            await self._read_manifest(user_epoch, storage)
+            await read_manifest(storage, user_epoch)
             return user_epoch
-        for epoch in reversed(await self._epoch_dirs(storage)):
-            if await self._manifest_or_none(epoch, storage) is not None:
-                return epoch
-        return None
+        return await latest_committed_epoch(storage)
 
     async def cp_accessible(self, epoch: int | None = None) -> bool:
         """Whether checkpoints can be reached: a cheap HEAD/list probe that never raises
@@ -959,12 +518,12 @@ class MultiNodeCheckpointManager:
                 await self._storage.check_root()
             else:
                 storage = self._reader
-                manifest = await self._read_manifest(epoch, storage)
+                manifest = await read_manifest(storage, epoch)
                 infos = await run_all(storage.head(r.shard) for r in manifest.nodes.values())
                 if any(info is None or info.size != r.size for info, r in zip(infos, manifest.nodes.values())):
                     return False
             if self._handler is not None:
-                return bool(await _maybe_await(self._handler.cp_accessible(epoch)))
+                return await self._handler.cp_accessible(epoch)
             return True
         except CheckpointStateError:
             raise
@@ -981,13 +540,7 @@ class MultiNodeCheckpointManager:
         with a warning, is one whose manifest does not parse.
         """
         await self._ensure_open()
-        epochs = await self._epoch_dirs(self._storage)
-        found, failures = await settle_all(
-            {str(e): self._manifest_or_none(e, self._storage) for e in epochs}, self._config.max_concurrency
-        )
-        if failures:
-            raise combine_node_failures("reading the manifests", failures)
-        return [manifest for e in epochs if (manifest := found[str(e)]) is not None]
+        return await committed_manifests(self._storage, self._config.max_concurrency)
 
     async def committed_epochs(self) -> list[int]:
         """Every committed epoch in the save location (manifest present and valid), ascending."""
@@ -1007,82 +560,9 @@ class MultiNodeCheckpointManager:
         if not isinstance(grace_period, (int, float)) or isinstance(grace_period, bool) or grace_period < 0:
             raise ValueError(f"grace_period must be a non-negative number of seconds, got {grace_period!r}")
         await self._ensure_open()
-        storage = self._storage
-        cutoff = time.time() - grace_period
-        by_epoch: dict[int, list[ObjectInfo]] = {}
-        async for info in storage.list(layout.EPOCHS_DIR + "/"):
-            epoch = layout.parse_epoch_dir(info.key.split("/")[1]) if info.key.count("/") >= 2 else None
-            if epoch is not None:
-                by_epoch.setdefault(epoch, []).append(info)
-        garbage: list[str] = []
-        kept_recent = 0
-        skipped: list[int] = []
-        for epoch, infos in sorted(by_epoch.items()):
-            keep: set[str] = set()
-            manifest_key = layout.manifest_key(epoch)
-            if any(info.key == manifest_key for info in infos):
-                try:
-                    manifest = await self._read_manifest(epoch, storage)
-                except CheckpointNotFoundError:
-                    pass  # deleted since the listing: the epoch is uncommitted now
-                except CheckpointCorruptedError as exc:
-                    log.warning("gc: leaving epoch %d alone, its manifest does not parse: %s", epoch, exc)
-                    skipped.append(epoch)
-                    continue
-                else:
-                    keep = {manifest_key} | {k for r in manifest.nodes.values() for k in (r.shard, r.receipt)}
-            for info in infos:
-                if info.key in keep:
-                    continue
-                if info.last_modified is not None and info.last_modified > cutoff:
-                    kept_recent += 1
-                else:
-                    garbage.append(info.key)
-        stale_uploads = [
-            u
-            for u in await storage.list_pending_uploads(layout.EPOCHS_DIR + "/")
-            if u.initiated is None or u.initiated <= cutoff
-        ]
-        if not dry_run:
-            if garbage:
-                await storage.delete(garbage)
-            for upload in stale_uploads:
-                await storage.abort_pending_upload(upload)
-        return GcReport(
-            deleted=garbage,
-            aborted_uploads=[u.key for u in stale_uploads],
-            kept_recent=kept_recent,
-            skipped_epochs=skipped,
-            dry_run=dry_run,
-        )
+        return await collect_garbage(self._storage, grace_period=grace_period, dry_run=dry_run)
 
     # ------------------------------------------------------------------ stats
-
-    def _record_report(
-        self,
-        action: str,
-        epoch: int,
-        manifest: EpochManifest,
-        seconds: float,
-        node_stats: Mapping[str, NodeStats] | None = None,
-        storage: Storage | None = None,
-    ) -> None:
-        storage = storage or self._storage
-        if node_stats is None:
-            node_stats = {node: record.stats for node, record in manifest.nodes.items()}
-        nodes = {
-            node: {**stats.to_json(), "db_name": storage.url_of(manifest.nodes[node].shard)}
-            for node, stats in node_stats.items()
-        }
-        slowest = max(nodes, key=lambda n: nodes[n]["seconds"]) if nodes else None
-        self._reports[action] = {
-            "action": action,
-            "epoch": epoch,
-            "nodes": nodes,
-            "slowest_node": slowest,
-            "seconds": round(seconds, 6),
-            "bytes": sum(n["bytes"] for n in nodes.values()),
-        }
 
     async def report_checkpoint_stats(self, action_name: str) -> dict[str, Any]:
         """Stats of the last ``action_name`` (``checkpoint_save``, ``checkpoint_load`` or
@@ -1090,14 +570,20 @@ class MultiNodeCheckpointManager:
         retries and shard URL, plus the slowest node. Also handed to the metadata
         handler's ``report``.
         """
-        if action_name not in ACTIONS:
-            raise ValueError(f"unknown action {action_name!r}; expected one of {ACTIONS}")
-        report = copy.deepcopy(self._reports.get(action_name) or _empty_report(action_name))
+        report = self._stats.report(action_name)
         log.debug("checkpoint stats: %s", report)
         if self._handler is not None:
             await self._ensure_open()
-            await _maybe_await(self._handler.report(action_name, copy.deepcopy(report)))
+            await self._handler.report(action_name, self._stats.report(action_name))
         return report
 
     def __repr__(self) -> str:
         return f"MultiNodeCheckpointManager({self._db_prefix!r}, nodes={self._node_names}, run_id={self._run_id!r})"
+
+
+def _check_nodes_present(manifest: EpochManifest, nodes: Sequence[str]) -> None:
+    missing = [n for n in nodes if n not in manifest.nodes]
+    if missing:
+        raise CheckpointNotFoundError(
+            f"epoch {manifest.epoch} has no shard for node(s) {missing} (it holds {sorted(manifest.nodes)})"
+        )

@@ -9,6 +9,7 @@ A receipt is one node's part of that, written next to its shard before the commi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -17,10 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .codec import BlobEntry
-from .errors import CheckpointCorruptedError
-from .layout import split_writer_id, validate_epoch, validate_node_name
+from .errors import CheckpointCorruptedError, CheckpointNotFoundError
+from .layout import epoch_dir, manifest_key, split_writer_id, validate_epoch, validate_node_name
+from .storage import Storage
+from .storage.base import validate_key
 
-__all__ = ["EpochManifest", "NodeRecord", "NodeStats", "MANIFEST_VERSION"]
+__all__ = ["MANIFEST_VERSION", "EpochManifest", "NodeRecord", "NodeStats", "manifest_or_none", "read_manifest"]
+
+log = logging.getLogger("asyncckpt")
 
 MANIFEST_FORMAT = "asyncckpt/manifest"
 RECEIPT_FORMAT = "asyncckpt/receipt"
@@ -162,14 +167,20 @@ class EpochManifest:
         return json.dumps(body, indent=1, sort_keys=False).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> EpochManifest:
-        """Parse and validate a manifest; anything malformed is :class:`CheckpointCorruptedError`."""
+    def from_json(cls, data: bytes, where: str, *, epoch: int | None = None) -> EpochManifest:
+        """Parse and validate a manifest; anything malformed is :class:`CheckpointCorruptedError`.
+
+        Every key it names must be a valid key inside its own epoch's directory; with
+        ``epoch``, the manifest must be that epoch's.
+        """
         raw = _load_json(data, where)
         if raw.get("format") != MANIFEST_FORMAT:
             raise CheckpointCorruptedError(f"{where}: not an asyncckpt manifest")
         if raw.get("version") != MANIFEST_VERSION:
             raise CheckpointCorruptedError(f"{where}: unsupported manifest version {raw.get('version')!r}")
-        epoch = _epoch_of(raw, where)
+        found_epoch = _epoch_of(raw, where)
+        if epoch is not None and found_epoch != epoch:
+            raise CheckpointCorruptedError(f"{where}: manifest says epoch {found_epoch}")
         writer_id, db_type, created = raw.get("writer_id"), raw.get("db_type"), raw.get("created_unix")
         nodes_raw = raw.get("nodes")
         if (
@@ -182,7 +193,42 @@ class EpochManifest:
         if not isinstance(created, (int, float)) or isinstance(created, bool) or not _finite(created):
             raise CheckpointCorruptedError(f"{where}: manifest lacks a valid created_unix")
         nodes = {str(node): NodeRecord.from_json(str(node), record, where) for node, record in nodes_raw.items()}
-        return cls(epoch, writer_id, nodes, db_type, float(created))
+        inside = epoch_dir(found_epoch)
+        for node, record in nodes.items():
+            for key in (record.shard, record.receipt):
+                try:
+                    validate_key(key)
+                except ValueError:
+                    raise CheckpointCorruptedError(f"{where}: node {node!r} names an invalid key {key!r}") from None
+                if not key.startswith(inside):
+                    raise CheckpointCorruptedError(f"{where}: node {node!r} names {key!r}, outside epoch {found_epoch}")
+        return cls(found_epoch, writer_id, nodes, db_type, float(created))
+
+
+async def read_manifest(storage: Storage, epoch: int) -> EpochManifest:
+    """The committed manifest of ``epoch`` in ``storage``, validated.
+
+    :class:`CheckpointNotFoundError` if the epoch is not committed,
+    :class:`CheckpointCorruptedError` if its manifest does not parse.
+    """
+    key = manifest_key(epoch)
+    try:
+        data = await storage.get(key)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"epoch {epoch} is not committed in {storage.url}") from None
+    return EpochManifest.from_json(data, storage.url_of(key), epoch=epoch)
+
+
+async def manifest_or_none(storage: Storage, epoch: int) -> EpochManifest | None:
+    """The epoch's manifest; ``None`` if it has none (an interrupted save) or if it does
+    not parse (logged as a warning)."""
+    try:
+        return await read_manifest(storage, epoch)
+    except CheckpointNotFoundError:
+        return None
+    except CheckpointCorruptedError as exc:
+        log.warning("skipping epoch %d: %s", epoch, exc)
+        return None
 
 
 def _finite(value: float) -> bool:

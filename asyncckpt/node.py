@@ -29,19 +29,12 @@ _SHORT_READ_CODES = frozenset({"ShortRead", "InvalidRange"})  # the object is sh
 
 @dataclass
 class ShardWriter:
-    """Writes one node's blobs as one shard object, then its receipt.
-
-    ``encode`` (in a worker thread) validates and encodes every blob first, so an
-    unsupported value raises :class:`TypeError` before a byte is written.
-    """
+    """Writes one node's encoded blobs (:func:`asyncckpt.codec.encode_blobs`) as one
+    shard object, then its receipt."""
 
     storage: Storage
     node: str
     budget: ByteBudget
-
-    @staticmethod
-    async def encode(node: str, blobs: Mapping[str, Any]) -> list[EncodedBlob]:
-        return await asyncio.to_thread(codec.encode_blobs, node, blobs)
 
     async def write(
         self, shard_key: str, receipt_key: str, encoded: list[EncodedBlob], *, epoch: int, writer_id: str
@@ -143,9 +136,12 @@ class ShardReader:
         the trailer and checksum checks.
         """
         data = await self._fetch(0, self.record.size)
-        return await asyncio.to_thread(self._verify_and_decode, data)
+        return await asyncio.to_thread(self.decode, data)
 
-    def _verify_and_decode(self, data: memoryview) -> dict[str, Any]:
+    def decode(self, data: memoryview) -> dict[str, Any]:
+        """Verify a whole shard's bytes against the record (header, trailer, index, the
+        CRC32C of every blob and of the shard) and decode every blob. CPU work: the
+        arrays are views into ``data``. Damage is :class:`CheckpointCorruptedError`."""
         where = self._where()
         header = codec.parse_header(data, where)
         if header.get("node") != self.node:

@@ -320,7 +320,7 @@ def test_generated_blobs_round_trip_through_the_codec(blobs: dict[str, Any], rea
 @given(blobs=blob_sets)
 def test_generated_shard_reads_back_whole_and_blob_by_blob(blobs: dict[str, Any]) -> None:
     data, record = build_shard(NODE, blobs)
-    assert same(reader_for(record)._verify_and_decode(memoryview(bytearray(data))), dict(sorted(blobs.items())))
+    assert same(reader_for(record).decode(memoryview(bytearray(data))), dict(sorted(blobs.items())))
     for name, entry in record.blobs.items():
         payload = memoryview(data)[entry.offset : entry.offset + entry.length]
         assert same(codec.decode_blob(entry, payload, name), blobs[name])
@@ -339,7 +339,7 @@ def test_damaged_shard_is_corrupted_error_or_unchanged(blobs: dict[str, Any], da
 
     # the whole shard, as ShardReader.read_all verifies and decodes it
     try:
-        result = reader_for(record)._verify_and_decode(memoryview(bytearray(damaged)))
+        result = reader_for(record).decode(memoryview(bytearray(damaged)))
     except CheckpointCorruptedError as exc:
         assert damaged != original, "an intact shard was refused"
         event(f"shard refused: {_stage(str(exc))}")

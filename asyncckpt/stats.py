@@ -1,0 +1,69 @@
+"""What the last save, load and partial load cost, per node: caffe2's checkpoint stats."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from .manifest import EpochManifest, NodeStats
+from .storage import Storage
+
+__all__ = ["ACTIONS", "StatsBook"]
+
+#: Action names of ``report_checkpoint_stats`` (as in caffe2).
+ACTIONS = ("checkpoint_save", "checkpoint_load", "checkpoint_partial_load")
+
+
+def _empty_report(action: str, epoch: int | None = None) -> dict[str, Any]:
+    return {"action": action, "epoch": epoch, "nodes": {}, "slowest_node": None, "seconds": 0.0, "bytes": 0}
+
+
+class StatsBook:
+    """The latest report of each action.
+
+    A report is ``{"action", "epoch", "nodes": {node: {seconds, bytes, objects,
+    requests, retries, db_name}}, "slowest_node", "seconds", "bytes"}``.
+    """
+
+    def __init__(self) -> None:
+        self._reports: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def check_action(action: str) -> None:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
+
+    def started(self, action: str, epoch: int) -> None:
+        """An action began: until it records its own, its report is an empty one."""
+        self._reports[action] = _empty_report(action, epoch)
+
+    def record(
+        self,
+        action: str,
+        manifest: EpochManifest,
+        seconds: float,
+        storage: Storage,
+        node_stats: Mapping[str, NodeStats] | None = None,
+    ) -> None:
+        """Record ``action`` on ``manifest``'s epoch; ``node_stats`` default to the ones
+        the manifest keeps from the save."""
+        if node_stats is None:
+            node_stats = {node: record.stats for node, record in manifest.nodes.items()}
+        nodes = {
+            node: {**stats.to_json(), "db_name": storage.url_of(manifest.nodes[node].shard)}
+            for node, stats in node_stats.items()
+        }
+        self._reports[action] = {
+            "action": action,
+            "epoch": manifest.epoch,
+            "nodes": nodes,
+            "slowest_node": max(nodes, key=lambda n: nodes[n]["seconds"]) if nodes else None,
+            "seconds": round(seconds, 6),
+            "bytes": sum(n["bytes"] for n in nodes.values()),
+        }
+
+    def report(self, action: str) -> dict[str, Any]:
+        """A copy of the latest report of ``action`` (an empty one if it never ran)."""
+        self.check_action(action)
+        return copy.deepcopy(self._reports.get(action) or _empty_report(action))

@@ -1,0 +1,107 @@
+"""Every local node at once: the per-node fan-out of saves and loads.
+
+:mod:`.node` moves one node's shard; this module runs one such transfer per node,
+concurrently and bounded, and turns the nodes' failures into one error that names
+every failed node (``exc.failures`` maps each to its cause).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from . import layout
+from ._tasks import settle_all, shielded
+from .codec import EncodedBlob
+from .errors import CheckpointError, combine_node_failures
+from .manifest import EpochManifest, NodeRecord, NodeStats
+from .node import ShardWriter
+from .storage import ByteBudget, Storage, collect_request_stats
+
+__all__ = ["discard", "plan_partial_load", "read_nodes", "upload_nodes"]
+
+log = logging.getLogger("asyncckpt")
+
+
+async def upload_nodes(
+    storage: Storage,
+    budget: ByteBudget,
+    epoch: int,
+    writer_id: str,
+    encoded: Mapping[str, list[EncodedBlob]],
+    max_nodes: int,
+) -> dict[str, NodeRecord]:
+    """Upload every node's shard and receipt as attempt ``writer_id`` of ``epoch``;
+    returns each node's record, in the order of ``encoded``. On any failure what this
+    attempt wrote is removed (best effort) and one error names every failed node."""
+    written: list[str] = []
+
+    async def save_node(node: str) -> NodeRecord:
+        shard = layout.shard_key(epoch, writer_id, node)
+        receipt = layout.receipt_key(epoch, writer_id, node)
+        written.extend((shard, receipt))
+        writer = ShardWriter(storage, node, budget)
+        return await writer.write(shard, receipt, encoded[node], epoch=epoch, writer_id=writer_id)
+
+    try:
+        records, failures = await settle_all({node: save_node(node) for node in encoded}, max_nodes)
+        if failures:
+            raise combine_node_failures(f"save of epoch {epoch}", failures)
+    except BaseException:
+        await shielded(discard(storage, written))
+        raise
+    return {node: records[node] for node in encoded}
+
+
+async def discard(storage: Storage, keys: list[str]) -> None:
+    """Best-effort removal of an uncommitted attempt's objects (gc catches the rest)."""
+    if not keys:
+        return
+    try:
+        await storage.delete(keys)
+    except CheckpointError as exc:
+        log.warning("could not remove %d object(s) of a failed save: %s", len(keys), exc)
+
+
+ReadNode = Callable[[str], Awaitable[tuple[dict[str, Any], int]]]
+
+
+async def read_nodes(
+    what: str, nodes: Iterable[str], read_node: ReadNode, max_nodes: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, NodeStats]]:
+    """Run ``read_node`` (returning a node's values and the bytes it read) for every
+    node, concurrently: every node's values and stats, or one error naming every
+    failed node (``what`` says what failed)."""
+
+    async def timed(node: str) -> tuple[dict[str, Any], NodeStats]:
+        started = time.perf_counter()
+        with collect_request_stats() as counted:
+            values, nbytes = await read_node(node)
+        return values, NodeStats(time.perf_counter() - started, nbytes, 1, counted.requests, counted.retries)
+
+    results, failures = await settle_all({n: timed(n) for n in nodes}, max_nodes)
+    if failures:
+        raise combine_node_failures(what, failures)
+    return {n: values for n, (values, _) in results.items()}, {n: stats for n, (_, stats) in results.items()}
+
+
+def plan_partial_load(manifest: EpochManifest, nodes: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """node -> {blob name: session key} for the requested names. A name is a blob of
+    one of ``nodes`` or ``"node/blob"``; names found nowhere are left out; a plain name
+    held by several listed nodes is a :class:`ValueError`."""
+    plan: dict[str, dict[str, str]] = {}
+    for name in names:
+        hits = [(node, name) for node in nodes if name in manifest.nodes[node].blobs]
+        if not hits and "/" in name:
+            node, _, blob = name.partition("/")
+            if node in nodes and blob in manifest.nodes[node].blobs:
+                hits = [(node, blob)]
+        if len(hits) > 1:
+            raise ValueError(
+                f"blob {name!r} exists on nodes {[n for n, _ in hits]}; name it as 'node/{name}' to pick one"
+            )
+        for node, blob in hits:
+            plan.setdefault(node, {})[blob] = name
+    return plan
