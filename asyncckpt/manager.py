@@ -34,7 +34,7 @@ from .errors import (
 from .manifest import EpochManifest, NodeRecord, NodeStats
 from .node import ShardReader, ShardWriter
 from .storage import PATH_TYPES, Storage, parse_location, storage_for
-from .storage.base import ByteBudget, ObjectInfo, collect_request_stats, validate_key
+from .storage._base import ByteBudget, ObjectInfo, collect_request_stats, validate_key
 
 __all__ = ["ACTIONS", "GcReport", "MetadataHandler", "MultiNodeCheckpointManager", "SaveHandle"]
 

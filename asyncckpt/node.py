@@ -19,7 +19,7 @@ from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, StorageError
 from .manifest import NodeRecord, NodeStats
-from .storage.base import ByteBudget, Storage, collect_request_stats
+from .storage._base import ByteBudget, Storage, collect_request_stats
 
 __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
 

@@ -1,4 +1,4 @@
-"""Every storage backend passes the same conformance suite (asyncckpt.storage.testing)."""
+"""Every storage backend passes the same conformance suite (asyncckpt.testing.storage_suite)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from asyncckpt.storage import (
     S3Storage,
     drop_memory_store,
 )
-from asyncckpt.storage.testing import StorageConformance, payload
+from asyncckpt.testing.storage_suite import StorageConformance, payload
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
 #: Two attempts: the loopback server needs no retries, and a failing test fails fast.

@@ -3,7 +3,7 @@
 A :class:`Storage` is rooted at a location (``s3://bucket/prefix``, a directory, a
 named in-memory store); keys are relative, ``/``-separated paths below that root.
 
-Contract shared by every backend (checked by :mod:`asyncckpt.storage.testing`):
+Contract shared by every backend (checked by :mod:`asyncckpt.testing.storage_suite`):
 
 * ``get``/``get_range``/``read_into`` of a missing key raise :class:`CheckpointNotFoundError`;
   ``head`` of a missing key returns ``None``; ``delete`` of a missing key is a no-op.

@@ -1,4 +1,4 @@
-"""The conformance suite every :class:`~asyncckpt.storage.base.Storage` backend must pass.
+"""The conformance suite every :class:`~asyncckpt.storage.Storage` backend must pass.
 
 Subclass :class:`StorageConformance` once per backend and provide a ``storage`` fixture
 that yields an *opened* storage on an *empty* root::
@@ -29,7 +29,7 @@ import pytest
 
 from ..config import MiB
 from ..errors import CheckpointConflictError, CheckpointNotFoundError, StorageError
-from .base import ByteBudget, ObjectInfo, Storage, collect_request_stats
+from ..storage import ByteBudget, ObjectInfo, Storage, collect_request_stats
 
 __all__ = ["INVALID_KEYS", "StorageConformance", "payload"]
 
@@ -51,7 +51,7 @@ async def _infos(storage: Storage, prefix: str = "") -> list[ObjectInfo]:
 
 
 class StorageConformance:
-    """The contract of :mod:`asyncckpt.storage.base`, as tests. Needs a ``storage`` fixture."""
+    """The contract of :class:`~asyncckpt.storage.Storage`, as tests. Needs a ``storage`` fixture."""
 
     #: Size of the "large" objects: more than two 5 MiB parts, with a short last part.
     large_size: int = 12 * MiB + 12345

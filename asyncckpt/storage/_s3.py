@@ -42,7 +42,7 @@ from ..errors import (
     CheckpointNotFoundError,
     StorageError,
 )
-from .base import (
+from ._base import (
     Buffer,
     ByteBudget,
     ObjectInfo,

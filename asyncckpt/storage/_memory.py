@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 
 from ..errors import CheckpointConflictError, CheckpointNotFoundError, StorageError
-from .base import (
+from ._base import (
     Buffer,
     ByteBudget,
     ObjectInfo,
