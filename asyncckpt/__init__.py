@@ -17,6 +17,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointStateError,
     CheckpointTimeoutError,
+    ObjectTooShortError,
     StorageError,
 )
 from .launcher import JobIdentity, job_from_env, split_nodes
@@ -48,6 +49,7 @@ __all__ = [
     "MultiNodeCheckpointManager",
     "NodeRecord",
     "NodeStats",
+    "ObjectTooShortError",
     "SaveHandle",
     "StorageError",
     "TransferConfig",

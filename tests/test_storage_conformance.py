@@ -28,6 +28,7 @@ from asyncckpt.storage import (
     S3Storage,
     drop_memory_store,
 )
+from asyncckpt.storage._s3 import _aiohttp_stream
 from asyncckpt.testing.storage_suite import StorageConformance, payload
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
@@ -150,6 +151,19 @@ class TestS3Storage(StorageConformance):
         assert budget.in_use == 0
         assert await storage.head("vanished") is None
         assert await storage.list_pending_uploads() == []
+
+    async def test_s3_body_exposes_the_aiohttp_stream(self, storage: S3Storage) -> None:
+        # reads take aiobotocore's body apart for speed (_aiohttp_stream); an upgrade that
+        # moves its insides must fail here, not quietly fall back to the slower path
+        data = payload(300_000, seed=17)
+        await storage.put("obj", data)
+        response = await storage._call("get_object", "obj", Key=storage._key("obj"))
+        try:
+            stream = _aiohttp_stream(response["Body"])
+            assert stream is not None
+            assert await stream.read() == data
+        finally:
+            response["Body"].close()
 
     async def test_missing_bucket_is_a_storage_error(self, s3_options: dict[str, Any]) -> None:
         async with S3Storage(f"missing-{uuid.uuid4().hex[:12]}", "p", options=s3_options) as storage:

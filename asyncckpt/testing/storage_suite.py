@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from ..config import MiB
-from ..errors import CheckpointConflictError, CheckpointNotFoundError, StorageError
+from ..errors import CheckpointConflictError, CheckpointNotFoundError, ObjectTooShortError, StorageError
 from ..storage import ByteBudget, ObjectInfo, Storage, collect_request_stats
 
 __all__ = ["INVALID_KEYS", "StorageConformance", "payload"]
@@ -247,12 +247,30 @@ class StorageConformance:
         await storage.read_into("obj", memoryview(target), 1)
         assert target == data[1:]
 
-    async def test_get_range_past_the_end_raises_storage_error(self, storage: Storage) -> None:
+    @pytest.mark.parametrize(("start", "end"), [(5, 11), (9, 20), (10, 11), (12, 15)])
+    async def test_get_range_past_the_end_raises_object_too_short(self, storage: Storage, start: int, end: int) -> None:
         await storage.put("obj", b"0123456789")
-        with pytest.raises(StorageError):
-            await storage.get_range("obj", 5, 11)
-        with pytest.raises(StorageError):
-            await storage.read_into("obj", memoryview(bytearray(4)), 8)
+        with pytest.raises(ObjectTooShortError) as info:
+            await storage.get_range("obj", start, end)
+        assert isinstance(info.value, StorageError)
+        assert info.value.key == "obj"
+        assert "obj" in str(info.value)
+
+    @pytest.mark.parametrize("start", [8, 10, 11])
+    async def test_read_into_past_the_end_raises_object_too_short(self, storage: Storage, start: int) -> None:
+        await storage.put("obj", b"0123456789")
+        with pytest.raises(ObjectTooShortError) as info:
+            await storage.read_into("obj", memoryview(bytearray(4)), start)
+        assert info.value.key == "obj"
+
+    async def test_read_past_the_end_of_a_large_object_raises_object_too_short(self, storage: Storage) -> None:
+        data = payload(3 * MiB + 5, seed=16)
+        await storage.put("obj", data)
+        with pytest.raises(ObjectTooShortError):
+            await storage.read_into("obj", memoryview(bytearray(2 * MiB)), 2 * MiB)
+        with pytest.raises(ObjectTooShortError):
+            await storage.get_range("obj", 0, len(data) + 1)
+        assert await storage.get_range("obj", 0, len(data)) == data  # the object itself is intact
 
     # -- listing ---------------------------------------------------------------------------
 
