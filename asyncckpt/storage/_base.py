@@ -144,7 +144,6 @@ class ByteBudget:
             raise ValueError(f"ByteBudget limit must be positive, got {limit}")
         self.limit = limit
         self.in_use = 0
-        self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     def _fits(self, n: int) -> bool:
@@ -152,7 +151,6 @@ class ByteBudget:
 
     def _grant(self, n: int) -> None:
         self.in_use += n
-        self.peak = max(self.peak, self.in_use)
 
     async def acquire(self, n: int) -> None:
         if not self._waiters and self._fits(n):
