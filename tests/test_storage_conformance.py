@@ -30,6 +30,7 @@ from asyncckpt.storage import (
 )
 from asyncckpt.storage._s3 import _aiohttp_stream
 from asyncckpt.testing.storage_suite import StorageConformance, payload
+from asyncckpt.testing.wrappers import OPERATIONS, FaultyStorage, LatencyStorage
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
 #: Two attempts: the loopback server needs no retries, and a failing test fails fast.
@@ -82,6 +83,48 @@ class TestLocalStorage(StorageConformance):
         async with LocalStorage(tmp_path / "file" / "ckpt") as storage:
             with pytest.raises(StorageError):
                 await storage.check_root()
+
+
+class TestLatencyStorage(StorageConformance):
+    """A wrapper that only yields to the event loop before every operation changes nothing."""
+
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[LatencyStorage]:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        try:
+            async with MemoryStorage(name) as whole_store:
+                for key in NEIGHBOURS:
+                    await whole_store.put(key, b"must never be listed")
+            async with LatencyStorage(MemoryStorage(name, "some/prefix"), delay=0) as storage:
+                yield storage
+        finally:
+            drop_memory_store(name)
+
+
+class TestFaultyStorage(StorageConformance):
+    """A fault injector without rules is a transparent wrapper (here around a directory)."""
+
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[FaultyStorage]:
+        for key in NEIGHBOURS:
+            (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / key).write_bytes(b"must never be listed")
+        async with FaultyStorage(LocalStorage(tmp_path / "some" / "prefix", fsync=False)) as storage:
+            yield storage
+
+    async def test_every_forwarded_operation_is_counted(self, storage: FaultyStorage) -> None:
+        await storage.put("a/b", b"x")
+        async with storage.writer("c") as writer:
+            await writer.write(b"y")
+            await writer.commit()
+        assert await storage.get("a/b") == b"x"
+        assert [info.key async for info in storage.list()] == ["a/b", "c"]
+        await storage.delete(["a/b", "c"])
+        assert storage.calls["open"] == 1
+        assert (storage.calls["put"], storage.calls["write"], storage.calls["commit"]) == (1, 1, 1)
+        assert (storage.calls["get"], storage.calls["list"], storage.calls["delete"]) == (1, 1, 1)
+        assert storage.faults == {}
+        assert set(storage.calls) <= OPERATIONS
 
 
 @pytest.mark.asyncio(loop_scope="class")
