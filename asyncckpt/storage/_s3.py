@@ -4,7 +4,11 @@ One client per storage object, opened in :meth:`S3Storage.open` and closed in
 :meth:`S3Storage.close`. Requests in flight are bounded by ``max_concurrency`` (and the
 connection pool is sized to match). Retries are botocore's (``standard`` mode by
 default); reading a response body is retried here too, from where it broke off.
-Every botocore/aiohttp exception is translated in :func:`translate_error`.
+Every botocore/aiohttp exception is translated in :func:`translate_error`. Uploads (the
+streaming writer and its part buffers) live in :mod:`._s3_upload`.
+
+Only :mod:`._location` and the package's ``__getattr__`` import this module, on first
+use: it is the one that loads aioboto3, aiobotocore and botocore.
 """
 
 from __future__ import annotations
