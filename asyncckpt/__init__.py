@@ -17,6 +17,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointStateError,
     CheckpointTimeoutError,
+    ObjectTooShortError,
     StorageError,
 )
 from .handler import MetadataHandler
@@ -46,6 +47,7 @@ __all__ = [
     "MultiNodeCheckpointManager",
     "NodeRecord",
     "NodeStats",
+    "ObjectTooShortError",
     "SaveHandle",
     "StorageError",
     "TransferConfig",

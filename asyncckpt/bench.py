@@ -625,7 +625,7 @@ class _ReceivedBytes:
         self.installed = False
 
     def install(self) -> None:
-        from .storage import s3 as s3mod
+        from .storage import _s3 as s3mod
 
         original = getattr(s3mod, "record_request", None)
         if original is None:

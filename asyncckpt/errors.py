@@ -6,6 +6,20 @@ so ``except FileNotFoundError`` or ``except OSError`` keep working.
 
 Backend exceptions (botocore, aiohttp, ``OSError`` of the local disk) never escape:
 the storage layer translates them into :class:`StorageError` or one of its siblings.
+
+The hierarchy (each class also derives from the builtin in parentheses)::
+
+    CheckpointError (Exception)
+     +-- CheckpointNotFoundError (FileNotFoundError)   an epoch, shard or object is missing
+     +-- CheckpointCorruptedError (ValueError)         stored bytes fail a checksum, size or format check
+     +-- CheckpointConflictError (FileExistsError)     the epoch or object exists already
+     +-- CheckpointStateError (RuntimeError)           the manager is used out of order
+     +-- CheckpointTimeoutError (TimeoutError)         a multi-process save missed its deadline
+     +-- StorageError (OSError)                        a storage backend failed
+          +-- ObjectTooShortError                      a read asked past the end of an object
+
+Storage raises the ``NotFound``/``Conflict``/``Storage`` kinds only; whether a short object
+means a corrupted checkpoint is for the layers above it to say.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointStateError",
     "CheckpointTimeoutError",
+    "ObjectTooShortError",
     "StorageError",
     "combine_node_failures",
 ]
@@ -86,6 +101,14 @@ class StorageError(CheckpointError, OSError):
         self.bucket = bucket
         self.key = key
         self.code = code
+
+
+class ObjectTooShortError(StorageError):
+    """The object ends before the requested range: truncated or replaced.
+
+    Every backend raises exactly this when a ranged read asks for bytes past the end of
+    an existing object (a missing object is :class:`CheckpointNotFoundError`).
+    """
 
 
 def combine_node_failures(action: str, failures: Mapping[str, BaseException]) -> CheckpointError:

@@ -17,14 +17,13 @@ from . import codec
 from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError, StorageError
+from .errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
 from .manifest import NodeRecord, NodeStats
-from .storage.base import ByteBudget, Storage, collect_request_stats
+from .storage._base import ByteBudget, Storage, collect_request_stats
 
 __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
-_SHORT_READ_CODES = frozenset({"ShortRead", "InvalidRange"})  # the object is shorter than asked
 
 
 @dataclass
@@ -114,12 +113,10 @@ class ShardReader:
             )
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
-        except StorageError as exc:
-            if exc.code in _SHORT_READ_CODES:
-                raise CheckpointCorruptedError(
-                    f"{self._where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
-                ) from None
-            raise
+        except ObjectTooShortError:
+            raise CheckpointCorruptedError(
+                f"{self._where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
+            ) from None
         return buffer
 
     def check_size(self, size: int) -> None:

@@ -1,4 +1,4 @@
-"""Every storage backend passes the same conformance suite (asyncckpt.storage.testing)."""
+"""Every storage backend passes the same conformance suite (asyncckpt.testing.storage_suite)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from asyncckpt.storage import (
     S3Storage,
     drop_memory_store,
 )
-from asyncckpt.storage.testing import StorageConformance, payload
+from asyncckpt.storage._s3 import _aiohttp_stream
+from asyncckpt.testing.storage_suite import StorageConformance, payload
+from asyncckpt.testing.wrappers import OPERATIONS, FaultyStorage, LatencyStorage
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
 #: Two attempts: the loopback server needs no retries, and a failing test fails fast.
@@ -81,6 +83,48 @@ class TestLocalStorage(StorageConformance):
         async with LocalStorage(tmp_path / "file" / "ckpt") as storage:
             with pytest.raises(StorageError):
                 await storage.check_root()
+
+
+class TestLatencyStorage(StorageConformance):
+    """A wrapper that only yields to the event loop before every operation changes nothing."""
+
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[LatencyStorage]:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        try:
+            async with MemoryStorage(name) as whole_store:
+                for key in NEIGHBOURS:
+                    await whole_store.put(key, b"must never be listed")
+            async with LatencyStorage(MemoryStorage(name, "some/prefix"), delay=0) as storage:
+                yield storage
+        finally:
+            drop_memory_store(name)
+
+
+class TestFaultyStorage(StorageConformance):
+    """A fault injector without rules is a transparent wrapper (here around a directory)."""
+
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[FaultyStorage]:
+        for key in NEIGHBOURS:
+            (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / key).write_bytes(b"must never be listed")
+        async with FaultyStorage(LocalStorage(tmp_path / "some" / "prefix", fsync=False)) as storage:
+            yield storage
+
+    async def test_every_forwarded_operation_is_counted(self, storage: FaultyStorage) -> None:
+        await storage.put("a/b", b"x")
+        async with storage.writer("c") as writer:
+            await writer.write(b"y")
+            await writer.commit()
+        assert await storage.get("a/b") == b"x"
+        assert [info.key async for info in storage.list()] == ["a/b", "c"]
+        await storage.delete(["a/b", "c"])
+        assert storage.calls["open"] == 1
+        assert (storage.calls["put"], storage.calls["write"], storage.calls["commit"]) == (1, 1, 1)
+        assert (storage.calls["get"], storage.calls["list"], storage.calls["delete"]) == (1, 1, 1)
+        assert storage.faults == {}
+        assert set(storage.calls) <= OPERATIONS
 
 
 @pytest.mark.asyncio(loop_scope="class")
@@ -150,6 +194,19 @@ class TestS3Storage(StorageConformance):
         assert budget.in_use == 0
         assert await storage.head("vanished") is None
         assert await storage.list_pending_uploads() == []
+
+    async def test_s3_body_exposes_the_aiohttp_stream(self, storage: S3Storage) -> None:
+        # reads take aiobotocore's body apart for speed (_aiohttp_stream); an upgrade that
+        # moves its insides must fail here, not quietly fall back to the slower path
+        data = payload(300_000, seed=17)
+        await storage.put("obj", data)
+        response = await storage._call("get_object", "obj", Key=storage._key("obj"))
+        try:
+            stream = _aiohttp_stream(response["Body"])
+            assert stream is not None
+            assert await stream.read() == data
+        finally:
+            response["Body"].close()
 
     async def test_missing_bucket_is_a_storage_error(self, s3_options: dict[str, Any]) -> None:
         async with S3Storage(f"missing-{uuid.uuid4().hex[:12]}", "p", options=s3_options) as storage:

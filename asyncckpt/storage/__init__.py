@@ -1,13 +1,17 @@
-"""Storage backends behind one small async protocol (see :mod:`.base`)."""
+"""Storage backends behind one small async protocol (the contract is on :class:`Storage`).
+
+This package only re-exports. The backends live in private modules: ``_memory``
+(:class:`MemoryStorage`), ``_local`` (:class:`LocalStorage`) and ``_s3``/``_s3_upload``
+(:class:`S3Storage`); the protocol in ``_base``, location URLs in ``_location``.
+:class:`S3Storage` is loaded on first access, so importing this package does not import
+aioboto3 or botocore.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any
 
-from ..config import TransferConfig
-from .base import (
+from ._base import (
     ByteBudget,
     ObjectInfo,
     ObjectWriter,
@@ -16,17 +20,20 @@ from .base import (
     Storage,
     collect_request_stats,
 )
-from .local import LocalStorage
-from .memory import MemoryStorage, drop_memory_store
-from .s3 import S3Storage
+from ._local import LocalStorage
+from ._location import PATH_TYPES, parse_location, storage_for
+from ._memory import MemoryStorage, drop_memory_store
+
+if TYPE_CHECKING:
+    from ._s3 import S3Storage
 
 __all__ = [
+    "PATH_TYPES",
     "ByteBudget",
     "LocalStorage",
     "MemoryStorage",
     "ObjectInfo",
     "ObjectWriter",
-    "PATH_TYPES",
     "PendingUpload",
     "RequestStats",
     "S3Storage",
@@ -37,69 +44,15 @@ __all__ = [
     "storage_for",
 ]
 
-PATH_TYPES = ("s3", "file", "memory")
+
+def __getattr__(name: str) -> Any:
+    # S3Storage on first access only: its module imports aioboto3, aiobotocore and botocore
+    if name == "S3Storage":
+        from ._s3 import S3Storage
+
+        return S3Storage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def parse_location(url: str, path_type: str | None = None) -> tuple[str, str, str]:
-    """Split a location into (kind, bucket or store name or directory, prefix).
-
-    ``url`` is ``s3://bucket/prefix``, ``file:///abs/dir``, a plain path, or
-    ``memory://name/prefix``. ``path_type`` names the kind when ``url`` has no scheme;
-    when both are given they must agree. Raises :class:`ValueError` for anything else.
-    """
-    if not isinstance(url, str) or not url.strip():
-        raise ValueError(f"checkpoint location must be a non-empty string, got {url!r}")
-    if path_type is not None and path_type not in PATH_TYPES:
-        raise ValueError(f"unknown path_type {path_type!r}; expected one of {PATH_TYPES}")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if len(scheme) == 1:  # a Windows drive letter, not a scheme
-        scheme = ""
-    if scheme and path_type and scheme != path_type:
-        raise ValueError(f"location {url!r} is {scheme!r} but path_type says {path_type!r}")
-    kind = scheme or path_type or "file"
-    if kind == "s3":
-        if scheme:
-            bucket, prefix = parts.netloc, parts.path
-        else:
-            bucket, _, prefix = url.strip("/").partition("/")
-        if not bucket:
-            raise ValueError(f"S3 location {url!r} has no bucket (expected s3://bucket/prefix)")
-        return "s3", bucket, unquote(prefix).strip("/")
-    if kind == "memory":
-        name, prefix = (parts.netloc, parts.path) if scheme else url.strip("/").partition("/")[::2]
-        if not name:
-            raise ValueError(f"memory location {url!r} has no store name (expected memory://name)")
-        return "memory", name, prefix.strip("/")
-    if kind == "file":
-        if scheme:
-            if parts.netloc not in ("", "localhost"):
-                raise ValueError(f"file location {url!r} names a host; use file:///absolute/path")
-            path = unquote(parts.path)
-        else:
-            path = url
-        if not path:
-            raise ValueError(f"file location {url!r} has no path")
-        return "file", path, ""
-    raise ValueError(f"unsupported location scheme {scheme!r} in {url!r}; use s3://, file:// or memory://")
-
-
-def storage_for(
-    url: str,
-    path_type: str | None = None,
-    *,
-    options: Mapping[str, Any] | None = None,
-    config: TransferConfig | None = None,
-) -> Storage:
-    """Build (not open) the storage for a location URL."""
-    kind, where, prefix = parse_location(url, path_type)
-    options = dict(options or {})
-    if kind == "s3":
-        return S3Storage(where, prefix, options=options, config=config)
-    if options:
-        unknown = set(options) - {"fsync"}
-        if unknown:
-            raise ValueError(f"storage_options {sorted(unknown)} do not apply to {kind!r} locations")
-    if kind == "memory":
-        return MemoryStorage(where, prefix)
-    return LocalStorage(where, fsync=bool(options.get("fsync", True)))
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

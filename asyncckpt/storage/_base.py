@@ -3,10 +3,13 @@
 A :class:`Storage` is rooted at a location (``s3://bucket/prefix``, a directory, a
 named in-memory store); keys are relative, ``/``-separated paths below that root.
 
-Contract shared by every backend (checked by :mod:`asyncckpt.storage.testing`):
+Contract shared by every backend (checked by :mod:`asyncckpt.testing.storage_suite`):
 
 * ``get``/``get_range``/``read_into`` of a missing key raise :class:`CheckpointNotFoundError`;
   ``head`` of a missing key returns ``None``; ``delete`` of a missing key is a no-op.
+* ``get_range``/``read_into`` of bytes past the end of an existing object raise
+  :class:`ObjectTooShortError` (whether that means a corrupted checkpoint is not
+  storage's to say).
 * ``put(..., create_only=True)`` never replaces an existing object: it raises
   :class:`CheckpointConflictError` instead, atomically (two racing creators: one wins).
 * A write is all or nothing: readers see the old state or the whole new object, never
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from .._tasks import shielded
-from ..errors import CheckpointCorruptedError
+from ..errors import ObjectTooShortError
 
 __all__ = [
     "ByteBudget",
@@ -141,7 +144,6 @@ class ByteBudget:
             raise ValueError(f"ByteBudget limit must be positive, got {limit}")
         self.limit = limit
         self.in_use = 0
-        self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     def _fits(self, n: int) -> bool:
@@ -149,7 +151,6 @@ class ByteBudget:
 
     def _grant(self, n: int) -> None:
         self.in_use += n
-        self.peak = max(self.peak, self.in_use)
 
     async def acquire(self, n: int) -> None:
         if not self._waiters and self._fits(n):
@@ -250,16 +251,24 @@ class Storage(ABC):
 
     @abstractmethod
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object; ``end`` must not pass the object's size."""
+        """Bytes ``[start, end)`` of the object.
+
+        Raises :class:`ObjectTooShortError` when ``end`` passes the object's size.
+        """
 
     async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
         """Fill ``buffer`` with the object's bytes from ``start`` on.
 
-        Override it to avoid the intermediate ``bytes`` of :meth:`get_range`.
+        Raises :class:`ObjectTooShortError` when the object ends before the buffer is
+        full. Override it to avoid the intermediate ``bytes`` of :meth:`get_range`.
         """
         data = await self.get_range(key, start, start + buffer.nbytes)
         if len(data) != buffer.nbytes:
-            raise CheckpointCorruptedError(f"{self.url_of(key)}: short read ({len(data)} of {buffer.nbytes} bytes)")
+            raise ObjectTooShortError(
+                f"{self.url_of(key)}: object ends before byte {start + buffer.nbytes} "
+                f"(got {len(data)} of {buffer.nbytes} bytes)",
+                key=key,
+            )
         buffer[:] = data
 
     @abstractmethod

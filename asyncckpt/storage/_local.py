@@ -19,9 +19,10 @@ from ..errors import (
     CheckpointConflictError,
     CheckpointError,
     CheckpointNotFoundError,
+    ObjectTooShortError,
     StorageError,
 )
-from .base import (
+from ._base import (
     Buffer,
     ByteBudget,
     ObjectInfo,
@@ -107,10 +108,10 @@ class LocalStorage(Storage):
             raise _translate(exc, self.url_of(key), key) from None
         record_request(received=got)
         if got != buffer.nbytes:
-            raise StorageError(
-                f"{self.url_of(key)}: range {start}-{start + buffer.nbytes} passes the end of the object",
+            raise ObjectTooShortError(
+                f"{self.url_of(key)}: object ends before byte {start + buffer.nbytes} (range {start}-"
+                f"{start + buffer.nbytes})",
                 key=key,
-                code="InvalidRange",
             )
 
     async def head(self, key: str) -> ObjectInfo | None:

@@ -4,7 +4,11 @@ One client per storage object, opened in :meth:`S3Storage.open` and closed in
 :meth:`S3Storage.close`. Requests in flight are bounded by ``max_concurrency`` (and the
 connection pool is sized to match). Retries are botocore's (``standard`` mode by
 default); reading a response body is retried here too, from where it broke off.
-Every botocore/aiohttp exception is translated in :func:`translate_error`.
+Every botocore/aiohttp exception is translated in :func:`translate_error`. Uploads (the
+streaming writer and its part buffers) live in :mod:`._s3_upload`.
+
+Only :mod:`._location` and the package's ``__getattr__`` import this module, on first
+use: it is the one that loads aioboto3, aiobotocore and botocore.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -34,15 +37,15 @@ from botocore.exceptions import (
 )
 from botocore.loaders import Loader, create_loader
 
-from .._tasks import shielded
 from ..config import TransferConfig
 from ..errors import (
     CheckpointConflictError,
     CheckpointError,
     CheckpointNotFoundError,
+    ObjectTooShortError,
     StorageError,
 )
-from .base import (
+from ._base import (
     Buffer,
     ByteBudget,
     ObjectInfo,
@@ -52,8 +55,9 @@ from .base import (
     record_request,
     validate_key,
 )
+from ._s3_upload import BufferBody, PartBufferPool, S3Writer
 
-__all__ = ["S3Storage", "S3_OPTION_NAMES", "translate_error", "validate_bucket"]
+__all__ = ["S3Storage"]
 
 #: Keys accepted in ``storage_options`` for S3.
 S3_OPTION_NAMES = frozenset(
@@ -69,11 +73,10 @@ S3_OPTION_NAMES = frozenset(
     }
 )
 
-_THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
-_POOL_MAX_BUFFERS = 4  # warm part buffers kept between uploads (at most 4 parts' worth of RSS)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_PAST_END = {"InvalidRange", "416"}  # a range that starts at or after the object's end
 _DENIED = {
     "AccessDenied",
     "403",
@@ -129,6 +132,10 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, url: st
             )
         if code in _CONFLICT:
             return CheckpointConflictError(f"{url} already exists (the create-only write was refused: {code})")
+        if code in _PAST_END and key is not None:
+            return ObjectTooShortError(
+                f"{url}: the object ends before the requested range ({code})", bucket=bucket, key=key, code=code
+            )
         if code == "403":  # a HEAD has no body, so no error code: only the status
             code = "AccessDenied"
         if code in _DENIED:
@@ -199,7 +206,7 @@ class S3Storage(Storage):
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
-        self._part_pool: list[bytearray] = []
+        self._part_buffers = PartBufferPool(self.config)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -233,7 +240,7 @@ class S3Storage(Storage):
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
-        self._part_pool.clear()
+        self._part_buffers.clear()
         if stack is not None:
             await stack.aclose()
 
@@ -241,8 +248,12 @@ class S3Storage(Storage):
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    async def _call(self, op: str, key: str | None, *, sent: int = 0, written: int = 0, **kwargs: Any) -> Any:
-        """One S3 request under the concurrency limit, with its errors translated."""
+    @contextlib.asynccontextmanager
+    async def _request(self, op: str, key: str | None, **kwargs: Any) -> AsyncIterator[Any]:
+        """Send one S3 request and hold its slot of the concurrency limit while the block
+        runs (a streamed response body is read inside it). The request's own errors are
+        translated here; a failed request is counted, a successful one is the caller's
+        to count."""
         if self._client is None or self._slots is None:
             raise StorageError(f"{self.url}: storage is not open", bucket=self.bucket, code="NotOpen")
         async with self._slots:
@@ -254,7 +265,12 @@ class S3Storage(Storage):
                 record_request()
                 url = self.url_of(key) if key is not None else self.url
                 raise translate_error(exc, bucket=self.bucket, key=key, url=url) from None
-        retries = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+            yield response
+
+    async def _call(self, op: str, key: str | None, *, sent: int = 0, written: int = 0, **kwargs: Any) -> Any:
+        """One S3 request under the concurrency limit, with its errors translated."""
+        async with self._request(op, key, **kwargs) as response:
+            retries = _retry_attempts(response)
         record_request(retries=retries, sent=sent, objects_written=written)
         return response
 
@@ -293,16 +309,7 @@ class S3Storage(Storage):
                 kwargs["Range"] = f"bytes={pos}-{end - 1}"
             elif pos:
                 kwargs["Range"] = f"bytes={pos}-"
-            if self._client is None or self._slots is None:
-                raise StorageError(f"{self.url}: storage is not open", bucket=self.bucket, code="NotOpen")
-            async with self._slots:
-                try:
-                    response = await self._client.get_object(Bucket=self.bucket, **kwargs)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    record_request()
-                    raise translate_error(exc, bucket=self.bucket, key=key, url=url) from None
+            async with self._request("get_object", key, **kwargs) as response:
                 body = response["Body"]
                 received = 0
                 try:
@@ -327,11 +334,11 @@ class S3Storage(Storage):
                     body.close()
                     error = exc
                 finally:
-                    retries = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
-                    record_request(retries=retries + (1 if attempts else 0), received=received)
-            done = pos == end if end is not None else error is None
-            if error is None and end is not None and not done:
-                short = StorageError(f"{url}: object ended at byte {pos}, before {end}", key=key, code="ShortRead")
+                    record_request(retries=_retry_attempts(response) + (1 if attempts else 0), received=received)
+            if error is None and end is not None and pos != end:
+                short = ObjectTooShortError(
+                    f"{url}: object ended at byte {pos}, before {end}", bucket=self.bucket, key=key
+                )
                 if received == int(response.get("ContentLength", -1)):
                     raise short  # a complete response: the object is shorter, retrying cannot help
                 error = short
@@ -394,14 +401,14 @@ class S3Storage(Storage):
     # -- writes -------------------------------------------------------------------------
 
     async def put(self, key: str, data: Buffer, *, create_only: bool = False) -> None:
-        body = _BufferBody(data)
+        body = BufferBody(data)
         kwargs: dict[str, Any] = {"Key": self._key(key), "Body": body}
         if create_only:
             kwargs["IfNoneMatch"] = "*"
         await self._call("put_object", key, sent=len(body), written=1, **kwargs)
 
     def writer(self, key: str, *, budget: ByteBudget | None = None, size_hint: int | None = None) -> ObjectWriter:
-        return _S3Writer(self, key, budget, size_hint)
+        return S3Writer(self, key, budget, size_hint)
 
     async def delete(self, keys: Iterable[str]) -> None:
         full = [self._key(k) for k in keys]
@@ -449,248 +456,35 @@ class S3Storage(Storage):
             if exc.code != "NoSuchUpload":  # already gone: what we wanted
                 raise
 
-    # -- part buffers -------------------------------------------------------------------
 
-    @property
-    def _part_capacity(self) -> int:
-        """Room in a part buffer: a part plus the small rest a last part may absorb.
-        Pooled buffers are never resized (a request body may still view them)."""
-        return self.config.part_size + self.config.part_size // 4
-
-    def _take_part_buffer(self) -> bytearray:
-        return self._part_pool.pop() if self._part_pool else bytearray(self._part_capacity)
-
-    def _give_part_buffer(self, buf: bytearray) -> None:
-        keep = max(1, min(_POOL_MAX_BUFFERS, self.config.max_bytes_in_flight // self._part_capacity))
-        if len(buf) == self._part_capacity and len(self._part_pool) < keep:
-            self._part_pool.append(buf)
+def _retry_attempts(response: Any) -> int:
+    """How many times botocore retried the request that got ``response``."""
+    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
 
 
-class _S3Writer(ObjectWriter):
-    """Buffers writes into part-sized buffers; an object of at most one part is one PUT.
+def _aiohttp_stream(body: Any) -> Any | None:
+    """The aiohttp ``StreamReader`` under an aiobotocore streaming body, or ``None``.
 
-    At most ``budget`` bytes of part buffers exist at once (waiting for a slot is how
-    a fast producer is held back); parts upload concurrently under the storage's
-    request limit. Nothing is visible until :meth:`commit` completes the upload.
+    This is the one place that reaches into a dependency's internals, on purpose: an
+    aiobotocore ``StreamingBody`` wraps the aiohttp response (``__wrapped__``), whose
+    ``content.readany()`` hands out chunks as the network delivers them, one copy fewer
+    than ``iter_chunks`` re-joining them into fixed sizes. Should a release move it,
+    this returns ``None`` and reads fall back to ``iter_chunks`` (correct, only slower);
+    the S3 conformance tests check that the fast path is still found.
     """
-
-    def __init__(self, storage: S3Storage, key: str, budget: ByteBudget | None, size_hint: int | None = None):
-        self.key = key
-        self._size_hint = size_hint
-        self._absorbing = False  # the last part takes the small rest instead of a tiny extra part
-        self._storage = storage
-        self._full_key = storage._key(key)
-        self._budget = budget or ByteBudget(storage.config.max_bytes_in_flight)
-        self._part_size = storage.config.part_size
-        self._buf: bytearray | None = None
-        self._fill = 0
-        self._size = 0
-        self._upload_id: str | None = None
-        self._parts: dict[int, str] = {}
-        self._next_part = 1
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
-        self._creating: asyncio.Future[Any] | None = None
-
-    async def _new_buffer(self) -> None:
-        await self._budget.acquire(self._storage._part_capacity)
-        # The first part grows with the data, so a small object never pays for a
-        # part-sized buffer; later parts reuse warm pooled buffers.
-        self._buf = bytearray() if self._next_part == 1 else self._storage._take_part_buffer()
-        self._fill = 0
-
-    async def write(self, data: Buffer) -> None:
-        if self._closed:
-            raise StorageError(f"{self._storage.url_of(self.key)}: write after commit/abort", key=self.key)
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-        while view.nbytes:
-            if self._buf is None:
-                await self._new_buffer()
-            assert self._buf is not None
-            limit = self._storage._part_capacity if self._absorbing else self._part_size
-            n = min(view.nbytes, limit - self._fill)
-            if n >= _THREAD_COPY_MIN:
-                await asyncio.to_thread(_copy_into, self._buf, self._fill, view[:n])
-            else:
-                self._buf[self._fill : self._fill + n] = view[:n]
-            self._fill += n
-            self._size += n
-            view = view[n:]
-            if self._fill == self._part_size and not self._absorbing:
-                rest = (self._size_hint or 0) - self._size
-                if 0 < rest <= self._part_size // 4:
-                    self._absorbing = True  # what is left joins this part: no tiny last part
-                else:
-                    await self._flush_part()
-            elif self._fill == limit:
-                self._absorbing = False  # the hint was too small: carry on part by part
-                await self._flush_part()
-            self._raise_failed_part()
-
-    def _raise_failed_part(self) -> None:
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-
-    async def _flush_part(self) -> None:
-        if self._upload_id is None:
-            await self._start_upload()
-        buf, fill = self._buf, self._fill
-        self._buf, self._fill = None, 0
-        assert buf is not None
-        number = self._next_part
-        self._next_part += 1
-        task = asyncio.create_task(self._upload_part(number, buf, fill))
-        # released by a callback: it runs even if the task is cancelled before it starts
-        task.add_done_callback(lambda _, buf=buf: self._release_part(buf))  # type: ignore[misc]
-        self._tasks.add(task)
-
-    async def _start_upload(self) -> None:
-        """CreateMultipartUpload, such that a cancel can never lose the upload's id
-        (:meth:`abort` waits for the request and aborts what it created)."""
-        self._creating = asyncio.ensure_future(
-            self._storage._call("create_multipart_upload", self.key, Key=self._full_key)
-        )
-        response = await asyncio.shield(self._creating)
-        self._upload_id = response["UploadId"]
-
-    def _release_part(self, buf: bytearray) -> None:
-        self._storage._give_part_buffer(buf)
-        self._budget.release(self._storage._part_capacity)
-
-    async def _upload_part(self, number: int, buf: bytearray, fill: int) -> None:
-        body = _BufferBody(memoryview(buf)[:fill])
-        response = await self._storage._call(
-            "upload_part",
-            self.key,
-            sent=fill,
-            Key=self._full_key,
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=body,
-        )
-        self._parts[number] = response["ETag"]
-
-    async def _wait_parts(self) -> None:
-        pending = set(self._tasks)
-        if pending:
-            await asyncio.wait(pending)
-        self._raise_failed_part()
-        self._tasks.clear()
-
-    async def commit(self) -> ObjectInfo:
-        if self._closed:
-            raise StorageError(f"{self._storage.url_of(self.key)}: commit after commit/abort", key=self.key)
-        try:
-            if self._upload_id is None:
-                # small object: one PUT of whatever is buffered (the buffer is released
-                # once the request is done with it)
-                buf = self._buf if self._buf is not None else bytearray()
-                await self._storage.put(self.key, memoryview(buf)[: self._fill])
-                self._release_current()
-            else:
-                if self._fill:
-                    await self._flush_part()
-                await self._wait_parts()
-                parts = [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._parts.items())]
-                await self._storage._call(
-                    "complete_multipart_upload",
-                    self.key,
-                    written=1,
-                    Key=self._full_key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-        except BaseException:
-            await shielded(self.abort())
-            raise
-        self._closed = True
-        return ObjectInfo(self.key, self._size, time.time())
-
-    def _release_current(self) -> None:
-        if self._buf is not None:
-            self._release_part(self._buf)
-            self._buf = None
-
-    async def abort(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-        self._tasks.clear()
-        self._release_current()
-        if self._upload_id is None and self._creating is not None:
-            with contextlib.suppress(Exception):  # a failed create left nothing to abort
-                self._upload_id = (await self._creating)["UploadId"]
-        if self._upload_id is not None:
-            upload_id, self._upload_id = self._upload_id, None
-            with contextlib.suppress(CheckpointError):
-                await self._storage.abort_pending_upload(PendingUpload(self.key, upload_id))
-
-
-class _BufferBody:
-    """A request body over a buffer, sent without copying it.
-
-    botocore sees a seekable file-like object (``read``/``seek``/``tell``: it measures
-    the length and rewinds it for a retry); aiohttp sees an async iterable and streams
-    memoryview slices of the buffer, yielding to the event loop between them (a raw
-    ``bytes`` body of many MiB would be copied into the transport in one go).
-    """
-
-    _CHUNK = 256 * 1024
-
-    def __init__(self, data: Buffer):
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return self._view.nbytes - self._pos
-
-    def read(self, n: int | None = -1) -> bytes:
-        end = self._view.nbytes if n is None or n < 0 else min(self._view.nbytes, self._pos + n)
-        chunk = bytes(self._view[self._pos : end])
-        self._pos = end
-        return chunk
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = (0, self._pos, self._view.nbytes)[whence]
-        self._pos = max(0, min(self._view.nbytes, base + offset))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seekable(self) -> bool:
-        return True
-
-    async def __aiter__(self) -> AsyncIterator[memoryview]:
-        view, pos = self._view, self._pos
-        while pos < view.nbytes:
-            yield view[pos : pos + self._CHUNK]
-            pos += self._CHUNK
-            if pos < view.nbytes:
-                await asyncio.sleep(0)
-
-
-def _copy_into(buf: bytearray, offset: int, view: memoryview) -> None:
-    # slice assignment grows a bytearray whose length is ``offset`` (the growing first part)
-    buf[offset : offset + view.nbytes] = view
+    content = getattr(getattr(body, "__wrapped__", None), "content", None)
+    return content if content is not None and hasattr(content, "readany") else None
 
 
 async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
-    """The response body as the network delivers it, without re-joining into fixed-size
-    chunks (one copy fewer than ``iter_chunks``): aiohttp's ``readany`` when the body
-    wraps an aiohttp response, else aiobotocore's ``iter_chunks``."""
-    content = getattr(getattr(body, "__wrapped__", None), "content", None)
-    if content is None or not hasattr(content, "readany"):
+    """The response body as the network delivers it (see :func:`_aiohttp_stream`)."""
+    stream = _aiohttp_stream(body)
+    if stream is None:
         async for chunk in body.iter_chunks(1 << 20):
             yield chunk
         return
     while True:
-        chunk = await content.readany()
+        chunk = await stream.readany()
         if not chunk:
             return
         yield chunk

@@ -6,8 +6,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 
-from ..errors import CheckpointConflictError, CheckpointNotFoundError, StorageError
-from .base import (
+from ..errors import CheckpointConflictError, CheckpointNotFoundError, ObjectTooShortError, StorageError
+from ._base import (
     Buffer,
     ByteBudget,
     ObjectInfo,
@@ -77,11 +77,11 @@ class MemoryStorage(Storage):
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         data = self._lookup(key)
-        if not 0 <= start <= end <= len(data):
-            raise StorageError(
-                f"{self.url_of(key)}: range {start}-{end} outside object of {len(data)} bytes",
-                key=key,
-                code="InvalidRange",
+        if not 0 <= start <= end:
+            raise ValueError(f"invalid byte range {start}-{end} of {self.url_of(key)}")
+        if end > len(data):
+            raise ObjectTooShortError(
+                f"{self.url_of(key)}: object of {len(data)} bytes ends before byte {end}", key=key
             )
         record_request(received=end - start)
         return data[start:end]

@@ -1,0 +1,269 @@
+"""Uploads to S3: the streaming writer, its pool of part buffers and the zero-copy body.
+
+An object of at most one part is one PUT; a larger one is a multipart upload whose parts
+go up concurrently while the caller keeps writing. Part buffers are bounded by a
+:class:`~asyncckpt.storage.ByteBudget` and reused across uploads of one storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from .._tasks import shielded
+from ..errors import CheckpointError, StorageError
+from ._base import Buffer, ByteBudget, ObjectInfo, ObjectWriter, PendingUpload
+
+if TYPE_CHECKING:
+    from ..config import TransferConfig
+    from ._s3 import S3Storage
+
+__all__ = ["BufferBody", "PartBufferPool", "S3Writer"]
+
+_THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
+_POOL_MAX_BUFFERS = 4  # warm part buffers kept between uploads (at most 4 parts' worth of RSS)
+
+
+class PartBufferPool:
+    """Part-sized buffers kept warm between the uploads of one storage.
+
+    :attr:`capacity` is the room in a part buffer: a part plus the small rest a last
+    part may absorb. Pooled buffers are never resized (a request body may still view
+    them), and at most a few are kept, never more than ``max_bytes_in_flight`` allows.
+    """
+
+    def __init__(self, config: TransferConfig):
+        self.capacity = config.part_size + config.part_size // 4
+        self._keep = max(1, min(_POOL_MAX_BUFFERS, config.max_bytes_in_flight // self.capacity))
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        """A buffer of :attr:`capacity` bytes (a warm one when there is one)."""
+        return self._free.pop() if self._free else bytearray(self.capacity)
+
+    def give(self, buf: bytearray) -> None:
+        """Return a buffer; it is kept if it has the pool's size and there is room."""
+        if len(buf) == self.capacity and len(self._free) < self._keep:
+            self._free.append(buf)
+
+    def clear(self) -> None:
+        """Drop every pooled buffer."""
+        self._free.clear()
+
+
+class S3Writer(ObjectWriter):
+    """Buffers writes into part-sized buffers; an object of at most one part is one PUT.
+
+    At most ``budget`` bytes of part buffers exist at once (waiting for a slot is how
+    a fast producer is held back); parts upload concurrently under the storage's
+    request limit. Nothing is visible until :meth:`commit` completes the upload.
+    """
+
+    def __init__(self, storage: S3Storage, key: str, budget: ByteBudget | None, size_hint: int | None = None):
+        self.key = key
+        self._size_hint = size_hint
+        self._absorbing = False  # the last part takes the small rest instead of a tiny extra part
+        self._storage = storage
+        self._pool = storage._part_buffers
+        self._full_key = storage._key(key)
+        self._budget = budget or ByteBudget(storage.config.max_bytes_in_flight)
+        self._part_size = storage.config.part_size
+        self._buf: bytearray | None = None
+        self._fill = 0
+        self._size = 0
+        self._upload_id: str | None = None
+        self._parts: dict[int, str] = {}
+        self._next_part = 1
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._creating: asyncio.Future[Any] | None = None
+
+    async def _new_buffer(self) -> None:
+        await self._budget.acquire(self._pool.capacity)
+        # The first part grows with the data, so a small object never pays for a
+        # part-sized buffer; later parts reuse warm pooled buffers.
+        self._buf = bytearray() if self._next_part == 1 else self._pool.take()
+        self._fill = 0
+
+    async def write(self, data: Buffer) -> None:
+        if self._closed:
+            raise StorageError(f"{self._storage.url_of(self.key)}: write after commit/abort", key=self.key)
+        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        while view.nbytes:
+            if self._buf is None:
+                await self._new_buffer()
+            assert self._buf is not None
+            limit = self._pool.capacity if self._absorbing else self._part_size
+            n = min(view.nbytes, limit - self._fill)
+            if n >= _THREAD_COPY_MIN:
+                await asyncio.to_thread(_copy_into, self._buf, self._fill, view[:n])
+            else:
+                self._buf[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            self._size += n
+            view = view[n:]
+            if self._fill == self._part_size and not self._absorbing:
+                rest = (self._size_hint or 0) - self._size
+                if 0 < rest <= self._part_size // 4:
+                    self._absorbing = True  # what is left joins this part: no tiny last part
+                else:
+                    await self._flush_part()
+            elif self._fill == limit:
+                self._absorbing = False  # the hint was too small: carry on part by part
+                await self._flush_part()
+            self._raise_failed_part()
+
+    def _raise_failed_part(self) -> None:
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _flush_part(self) -> None:
+        if self._upload_id is None:
+            await self._start_upload()
+        buf, fill = self._buf, self._fill
+        self._buf, self._fill = None, 0
+        assert buf is not None
+        number = self._next_part
+        self._next_part += 1
+        task = asyncio.create_task(self._upload_part(number, buf, fill))
+        # released by a callback: it runs even if the task is cancelled before it starts
+        task.add_done_callback(lambda _, buf=buf: self._release_part(buf))  # type: ignore[misc]
+        self._tasks.add(task)
+
+    async def _start_upload(self) -> None:
+        """CreateMultipartUpload, such that a cancel can never lose the upload's id
+        (:meth:`abort` waits for the request and aborts what it created)."""
+        self._creating = asyncio.ensure_future(
+            self._storage._call("create_multipart_upload", self.key, Key=self._full_key)
+        )
+        response = await asyncio.shield(self._creating)
+        self._upload_id = response["UploadId"]
+
+    def _release_part(self, buf: bytearray) -> None:
+        self._pool.give(buf)
+        self._budget.release(self._pool.capacity)
+
+    async def _upload_part(self, number: int, buf: bytearray, fill: int) -> None:
+        body = BufferBody(memoryview(buf)[:fill])
+        response = await self._storage._call(
+            "upload_part",
+            self.key,
+            sent=fill,
+            Key=self._full_key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        self._parts[number] = response["ETag"]
+
+    async def _wait_parts(self) -> None:
+        pending = set(self._tasks)
+        if pending:
+            await asyncio.wait(pending)
+        self._raise_failed_part()
+        self._tasks.clear()
+
+    async def commit(self) -> ObjectInfo:
+        if self._closed:
+            raise StorageError(f"{self._storage.url_of(self.key)}: commit after commit/abort", key=self.key)
+        try:
+            if self._upload_id is None:
+                # small object: one PUT of whatever is buffered (the buffer is released
+                # once the request is done with it)
+                buf = self._buf if self._buf is not None else bytearray()
+                await self._storage.put(self.key, memoryview(buf)[: self._fill])
+                self._release_current()
+            else:
+                if self._fill:
+                    await self._flush_part()
+                await self._wait_parts()
+                parts = [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._parts.items())]
+                await self._storage._call(
+                    "complete_multipart_upload",
+                    self.key,
+                    written=1,
+                    Key=self._full_key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            await shielded(self.abort())
+            raise
+        self._closed = True
+        return ObjectInfo(self.key, self._size, time.time())
+
+    def _release_current(self) -> None:
+        if self._buf is not None:
+            self._release_part(self._buf)
+            self._buf = None
+
+    async def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        self._tasks.clear()
+        self._release_current()
+        if self._upload_id is None and self._creating is not None:
+            with contextlib.suppress(Exception):  # a failed create left nothing to abort
+                self._upload_id = (await self._creating)["UploadId"]
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            with contextlib.suppress(CheckpointError):
+                await self._storage.abort_pending_upload(PendingUpload(self.key, upload_id))
+
+
+class BufferBody:
+    """A request body over a buffer, sent without copying it.
+
+    botocore sees a seekable file-like object (``read``/``seek``/``tell``: it measures
+    the length and rewinds it for a retry); aiohttp sees an async iterable and streams
+    memoryview slices of the buffer, yielding to the event loop between them (a raw
+    ``bytes`` body of many MiB would be copied into the transport in one go).
+    """
+
+    _CHUNK = 256 * 1024
+
+    def __init__(self, data: Buffer):
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._view.nbytes - self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self._view.nbytes if n is None or n < 0 else min(self._view.nbytes, self._pos + n)
+        chunk = bytes(self._view[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._view.nbytes)[whence]
+        self._pos = max(0, min(self._view.nbytes, base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        view, pos = self._view, self._pos
+        while pos < view.nbytes:
+            yield view[pos : pos + self._CHUNK]
+            pos += self._CHUNK
+            if pos < view.nbytes:
+                await asyncio.sleep(0)
+
+
+def _copy_into(buf: bytearray, offset: int, view: memoryview) -> None:
+    # slice assignment grows a bytearray whose length is ``offset`` (the growing first part)
+    buf[offset : offset + view.nbytes] = view
