@@ -21,7 +21,7 @@ from .codec import BlobEntry
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .layout import epoch_dir, manifest_key, split_writer_id, validate_epoch, validate_node_name
 from .storage import Storage
-from .storage.base import validate_key
+from .storage._base import validate_key
 
 __all__ = ["MANIFEST_VERSION", "EpochManifest", "NodeRecord", "NodeStats", "manifest_or_none", "read_manifest"]
 
