@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from asyncckpt import MultiNodeCheckpointManager
-from asyncckpt.cli import EXIT_ERROR, EXIT_OK, Duration, main
-from asyncckpt.demo import compare_workspaces, init_workspace, node_names, train_epoch
+from asyncckpt.cli import EXIT_ERROR, EXIT_OK, main
+from asyncckpt.cli._options import Duration
+from asyncckpt.cli.demo import compare_workspaces, init_workspace, node_names, train_epoch
 from asyncckpt.layout import receipt_key, shard_key
 from asyncckpt.storage import drop_memory_store, storage_for
 

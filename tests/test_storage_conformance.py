@@ -10,13 +10,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from s3_helpers import (
-    REGION,
-    admin_client,
-    delete_bucket,
-    empty_bucket,
-    new_bucket_name,
-)
 
 from asyncckpt.config import MiB, TransferConfig
 from asyncckpt.errors import CheckpointNotFoundError, StorageError
@@ -29,6 +22,7 @@ from asyncckpt.storage import (
     drop_memory_store,
 )
 from asyncckpt.storage.testing import StorageConformance, payload
+from asyncckpt.testing.s3_server import REGION, admin_client, delete_bucket, empty_bucket, new_bucket_name
 
 #: Smallest legal parts, so that StorageConformance.large_size spans three of them.
 #: Two attempts: the loopback server needs no retries, and a failing test fails fast.
