@@ -48,4 +48,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m asyncckpt.cli.bench._child JOB (a JSON job; `asyncckpt bench` starts this)")
     sys.exit(main(sys.argv[1:]))

@@ -236,6 +236,7 @@ TABLE_COLUMNS = [
 
 
 def table_rows(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """The table's cells (:data:`TABLE_COLUMNS`), one list per line, in :data:`~._state.OPS` order."""
     out = []
     for name in OPS:
         row = rows.get(name)
@@ -299,6 +300,7 @@ def table_rows(rows: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> str:
+    """The table and the targets as Markdown."""
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
     lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
@@ -322,6 +324,7 @@ def _target_status(t: Mapping[str, Any]) -> str:
 
 
 def render(console: Console, result: Mapping[str, Any]) -> None:
+    """Print :func:`~._run.run_bench`'s result: the table of ops, the targets, and any warning."""
     meta = result["meta"]
     rows = result["rows"]
     title = (

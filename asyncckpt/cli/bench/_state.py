@@ -82,6 +82,8 @@ GROUP_ORDER = list(GROUPS)
 
 @dataclass(frozen=True)
 class BlobSpec:
+    """One array of the state: its node and name, dtype, element count, and RNG seed."""
+
     node: str
     name: str
     dtype: str
@@ -154,6 +156,7 @@ class BenchParams:
     op_timeout_s: float = DEFAULT_OP_TIMEOUT_S
 
     def layout(self) -> list[BlobSpec]:
+        """Every array of the state (see :func:`state_layout`)."""
         return state_layout(self.state_mib, self.nodes, self.blobs_per_node)
 
     def transfer_config(self) -> TransferConfig:

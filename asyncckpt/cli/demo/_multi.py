@@ -169,6 +169,7 @@ class _Incarnation:
         self.nodes: list[list[str]] = []
 
     def start(self) -> None:
+        """Spawn every worker; each gets its end of a pipe to this process."""
         ctx = multiprocessing.get_context("spawn")
         for rank, spec in enumerate(self._specs):
             ours, theirs = ctx.Pipe()
@@ -194,9 +195,11 @@ class _Incarnation:
 
     @property
     def pids(self) -> list[int]:
+        """The workers' PIDs, in rank order."""
         return [proc.pid or 0 for proc in self.procs]
 
     def send_all(self, message: str) -> None:
+        """Send ``message`` to every worker whose pipe is open (one that is gone shows up in :meth:`expect`)."""
         for rank in sorted(self._open):
             try:
                 self._conns[rank].send(message)

@@ -109,6 +109,7 @@ def merge_load_reports(reports: Sequence[Mapping[str, Any]]) -> TransferStats:
 
 
 def epoch_table(title: str) -> Table:
+    """An empty table of per-epoch saves (see :func:`add_epoch_row`)."""
     table = Table(title=title, title_justify="left", title_style="bold", header_style="bold cyan")
     table.add_column("epoch", justify="right")
     table.add_column("save s", justify="right")
@@ -120,6 +121,7 @@ def epoch_table(title: str) -> Table:
 
 
 def add_epoch_row(table: Table, stats: TransferStats) -> None:
+    """One save's line: epoch, seconds, MB, MB/s, slowest node, requests (and retries)."""
     slowest = f"{stats.slowest_node} ({stats.slowest_seconds:.3f} s)" if stats.slowest_node else "-"
     requests = f"{stats.requests}" + (f" [yellow]({stats.retries} retried)[/]" if stats.retries else "")
     table.add_row(
@@ -164,6 +166,7 @@ def print_commit_seen(
 
 
 def print_commit_columns(console: Console, processes: int) -> None:
+    """The column heads of :func:`print_commit_seen`'s lines."""
     width = len(f"committed, seen by {processes}/{processes}")
     console.print("[dim]a line once every process saw the epoch committed; stats: rank 0's save report[/]")
     console.print(
@@ -185,6 +188,7 @@ def print_header(
     mib_per_node: float,
     processes: int = 1,
 ) -> None:
+    """What the job is: nodes, sizes, epochs, the crash, processes, location and transfer settings."""
     console.print(f"[bold]asyncckpt demo[/]: a {nodes}-node training job that crashes and resumes")
     header = facts_grid()
     header.add_row(
@@ -222,6 +226,7 @@ def relative_url(full_url: str, root: str) -> str:
 
 
 def print_check(console: Console, what: str, compared: int, diff: Sequence[str]) -> None:
+    """A check's verdict: a green tick, or a red cross and the first ten differences."""
     if not diff:
         console.print(f"[green]✓[/] {what}: {compared} blobs equal, bit for bit")
         return
@@ -233,6 +238,7 @@ def print_check(console: Console, what: str, compared: int, diff: Sequence[str])
 
 
 def print_verdict(console: Console, result: DemoResult) -> None:
+    """The totals of the run, then PASS or FAIL."""
     save_s = sum(s.seconds for s in result.saves)
     rate = result.bytes_saved / save_s / 1e6 if save_s else 0.0
     console.print()
