@@ -32,10 +32,11 @@ import tempfile
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     import aioboto3
@@ -69,7 +70,7 @@ _INSTALL_HINT = "pip install 'asyncckpt[server]'"
 # ---------------------------------------------------------------------- servers
 
 
-class S3Server:
+class S3Server(ABC):
     """What every embedded server offers: a lifecycle, an endpoint, and options for clients.
 
     Use one as a context manager (``with ThreadedS3Server() as server: ...``), or call
@@ -87,7 +88,7 @@ class S3Server:
         self._endpoint_url: str | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> S3Server:
+    def start(self) -> Self:
         """Start the server (idempotent) and return ``self``."""
         with self._lock:
             if self._endpoint_url is None:
@@ -101,14 +102,15 @@ class S3Server:
                 self._endpoint_url = None
                 self._stop()
 
+    @abstractmethod
     def _start(self) -> str:
         """Start serving; return ``http://127.0.0.1:PORT``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _stop(self) -> None:
-        raise NotImplementedError
+        """Stop serving and release what :meth:`_start` took."""
 
-    def __enter__(self) -> S3Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
