@@ -24,6 +24,7 @@ Contract shared by every backend (checked by :mod:`asyncckpt.testing.storage_sui
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import contextlib
 import contextvars
@@ -32,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 from .._tasks import shielded
 from ..errors import ObjectTooShortError
@@ -208,7 +210,7 @@ class ObjectWriter(ABC):
     async def abort(self) -> None:
         """Drop everything written; safe to call more than once and after a failure."""
 
-    async def __aenter__(self) -> ObjectWriter:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -232,7 +234,7 @@ class Storage(ABC):
     async def close(self) -> None:
         """Release what :meth:`open` acquired. Safe to call twice."""
 
-    async def __aenter__(self) -> Storage:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -283,7 +285,7 @@ class Storage(ABC):
         """Every object whose key starts with ``prefix``, in key order."""
 
     @abstractmethod
-    async def list_dirs(self, prefix: str = "") -> list[str]:
+    async def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """The names of the "directories" directly below ``prefix`` (which ends in ``/`` or is empty)."""
 
     # -- writes -------------------------------------------------------------------------
@@ -310,7 +312,7 @@ class Storage(ABC):
     async def check_root(self) -> None:
         """Raise :class:`StorageError` unless the root location is reachable and usable."""
 
-    async def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+    async def list_pending_uploads(self, prefix: str = "") -> builtins.list[PendingUpload]:
         """Unfinished multipart uploads under ``prefix`` (none for backends without them)."""
         return []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import errno
 import os
 import stat
@@ -10,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiofiles
 import aiofiles.os
@@ -31,6 +32,9 @@ from ._base import (
     record_request,
     validate_key,
 )
+
+if TYPE_CHECKING:
+    from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 __all__ = ["LocalStorage"]
 
@@ -129,7 +133,7 @@ class LocalStorage(Storage):
 
     def _walk(self, prefix: str) -> list[ObjectInfo]:
         base_dir = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        out = []
+        out: list[ObjectInfo] = []
         if not base_dir.is_dir():
             return out
         for dirpath, dirnames, filenames in os.walk(base_dir):
@@ -145,7 +149,7 @@ class LocalStorage(Storage):
         out.sort(key=lambda info: info.key)
         return out
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         record_request()
         try:
             items = await asyncio.to_thread(self._walk, prefix)
@@ -154,7 +158,7 @@ class LocalStorage(Storage):
         for info in items:
             yield info
 
-    async def list_dirs(self, prefix: str = "") -> list[str]:
+    async def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         directory = self.root / prefix if prefix else self.root
         record_request()
 
@@ -235,7 +239,7 @@ class _LocalWriter(ObjectWriter):
         self._storage = storage
         self._path = storage._path(key)
         self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
-        self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None  # type: ignore[name-defined]
+        self._file: AsyncBufferedIOBase | None = None
         self._size = 0
         self._create_only = create_only
         self._closed = False
@@ -295,7 +299,7 @@ class _LocalWriter(ObjectWriter):
             pass
 
 
-async def _open_uncancellable(path: Path) -> Any:
+async def _open_uncancellable(path: Path) -> AsyncBufferedIOBase:
     """``aiofiles.open(path, "wb")`` that leaves nothing behind when the caller is
     cancelled while the worker thread opens the file: the open is let finish, the handle
     closed and the file removed, and only then does the cancellation propagate."""
@@ -308,5 +312,5 @@ async def _open_uncancellable(path: Path) -> Any:
         except Exception:  # the open failed: nothing to undo
             raise asyncio.CancelledError from None
         await handle.close()
-        path.unlink(missing_ok=True)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
         raise

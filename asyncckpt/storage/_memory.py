@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -92,7 +93,7 @@ class MemoryStorage(Storage):
         record_request()
         return None if item is None else ObjectInfo(key, len(item[0]), item[1])
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
         full_prefix = root + prefix
         record_request()
@@ -101,7 +102,7 @@ class MemoryStorage(Storage):
         for full, (data, mtime) in items:
             yield ObjectInfo(full[len(root) :], len(data), mtime)
 
-    async def list_dirs(self, prefix: str = "") -> list[str]:
+    async def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         dirs = set()
         async for info in self.list(prefix):
             rest = info.key[len(prefix) :]

@@ -14,10 +14,11 @@ use: it is the one that loads aioboto3, aiobotocore and botocore.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiohttp
@@ -56,6 +57,9 @@ from ._base import (
     validate_key,
 )
 from ._s3_upload import BufferBody, PartBufferPool, S3Writer
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3.client import S3Client
 
 __all__ = ["S3Storage"]
 
@@ -204,7 +208,7 @@ class S3Storage(Storage):
         self._addressing = addressing
         self.config = config or TransferConfig()
         self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
+        self._client: S3Client | None = None
         self._slots: asyncio.Semaphore | None = None
         self._part_buffers = PartBufferPool(self.config)
 
@@ -363,7 +367,7 @@ class S3Storage(Storage):
             key, int(response["ContentLength"]), modified.timestamp() if modified else None, response.get("ETag")
         )
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
         token: str | None = None
         while True:
@@ -383,7 +387,7 @@ class S3Storage(Storage):
                 return
             token = response.get("NextContinuationToken")
 
-    async def list_dirs(self, prefix: str = "") -> list[str]:
+    async def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         root = f"{self.prefix}/" if self.prefix else ""
         full = root + prefix
         names: list[str] = []
@@ -432,7 +436,7 @@ class S3Storage(Storage):
     async def check_root(self) -> None:
         await self._call("head_bucket", None)
 
-    async def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+    async def list_pending_uploads(self, prefix: str = "") -> builtins.list[PendingUpload]:
         root = f"{self.prefix}/" if self.prefix else ""
         uploads: list[PendingUpload] = []
         kwargs: dict[str, Any] = {"Prefix": root + prefix}
