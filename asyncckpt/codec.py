@@ -243,7 +243,7 @@ def _array_layout(arr: np.ndarray[Any, Any]) -> tuple[str, np.ndarray[Any, Any]]
 
 
 def _raw_view(arr: np.ndarray[Any, Any]) -> memoryview:
-    return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+    return arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
 
 
 def _utf8_checked(text: str, path: str, value: Any) -> str:

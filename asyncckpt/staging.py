@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class StagingBuffers:
         frozen: dict[str, Any] = {}
         for name, value in blobs.items():
             if isinstance(value, np.ndarray):
-                order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+                order: Literal["C", "F"] = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
                 buf = stage.get(name)
                 if (
                     buf is None
