@@ -9,6 +9,7 @@ import pytest
 from ..config import MiB
 from ..errors import StorageError
 from ..storage import ByteBudget, Storage
+from ..storage._base import Buffer
 from ._storage_checks import StorageChecks, list_keys, payload
 
 __all__ = ["WriterConformance"]
@@ -19,7 +20,7 @@ class WriterConformance(StorageChecks):
     objects appear whole at ``commit`` or never, and release what they hold."""
 
     async def test_writer_streams_writes_into_one_object(self, storage: Storage) -> None:
-        chunks = [b"header", b"", bytearray(b"middle" * 100), memoryview(b"0123456789")[2:8], b"end"]
+        chunks: list[Buffer] = [b"header", b"", bytearray(b"middle" * 100), memoryview(b"0123456789")[2:8], b"end"]
         async with storage.writer("obj") as writer:
             assert writer.key == "obj"
             for chunk in chunks:

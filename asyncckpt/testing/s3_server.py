@@ -40,6 +40,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     import aioboto3
+    from moto.server import ThreadedMotoServer
+    from types_aiobotocore_s3.client import S3Client
+    from types_aiobotocore_s3.type_defs import ObjectIdentifierTypeDef
 
 __all__ = [
     "HOST",
@@ -138,7 +141,7 @@ class S3Server(ABC):
             "addressing_style": "path",
         }
 
-    def admin_client(self, session: aioboto3.Session | None = None) -> contextlib.AbstractAsyncContextManager[Any]:
+    def admin_client(self, session: aioboto3.Session | None = None) -> contextlib.AbstractAsyncContextManager[S3Client]:
         """:func:`admin_client` on this server, with its dummy credentials."""
         return admin_client(session, self.endpoint_url, credentials=(self.ACCESS_KEY, self.SECRET_KEY))
 
@@ -148,7 +151,7 @@ class ThreadedS3Server(S3Server):
 
     def __init__(self) -> None:
         super().__init__()
-        self._server: Any = None
+        self._server: ThreadedMotoServer | None = None
 
     def _start(self) -> str:
         try:
@@ -164,6 +167,7 @@ class ThreadedS3Server(S3Server):
 
     def _stop(self) -> None:
         server, self._server = self._server, None
+        assert server is not None  # _stop follows a successful _start
         server.stop()  # werkzeug's serve_forever closes the listening socket on its way out
 
 
@@ -257,7 +261,7 @@ class SubprocessS3Server(S3Server):
 
 def _serve() -> None:
     """The body of :class:`SubprocessS3Server`'s process: serve until terminated."""
-    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
     body_log = logging.getLogger("asyncckpt.s3_server")
@@ -300,7 +304,7 @@ async def admin_client(
     endpoint_url: str,
     *,
     credentials: tuple[str, str] | None = None,
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[S3Client]:
     """A plain aioboto3 S3 client on ``endpoint_url`` for arranging and inspecting buckets:
     path addressing, no extra checksums, 2 attempts per request, region :data:`REGION`.
 
@@ -316,15 +320,20 @@ async def admin_client(
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    keys: dict[str, str] = {}
-    if credentials is not None:
-        keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
+    access_key, secret_key = credentials if credentials is not None else (None, None)
     session = session or aioboto3.Session()
-    async with session.client("s3", endpoint_url=endpoint_url, region_name=REGION, config=config, **keys) as client:
+    async with session.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=REGION,
+        config=config,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+    ) as client:
         yield client
 
 
-async def create_bucket(client: Any, bucket: str) -> bool:
+async def create_bucket(client: S3Client, bucket: str) -> bool:
     """Create ``bucket``; ``False`` when it exists already (nothing is done).
 
     Any other refusal raises :class:`RuntimeError` naming the bucket.
@@ -342,19 +351,19 @@ async def create_bucket(client: Any, bucket: str) -> bool:
     return True
 
 
-async def empty_bucket(client: Any, bucket: str, prefix: str = "") -> None:
+async def empty_bucket(client: S3Client, bucket: str, prefix: str = "") -> None:
     """Abort the multipart uploads and delete the objects under ``prefix`` (all by default)."""
-    async for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
-        for upload in page.get("Uploads", []):
+    async for uploads_page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for upload in uploads_page.get("Uploads", []):
             with contextlib.suppress(client.exceptions.NoSuchUpload):
                 await client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-    async for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+    async for objects_page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        objects: list[ObjectIdentifierTypeDef] = [{"Key": item["Key"]} for item in objects_page.get("Contents", [])]
         if objects:
             await client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
 
 
-async def delete_bucket(client: Any, bucket: str) -> None:
+async def delete_bucket(client: S3Client, bucket: str) -> None:
     """Empty ``bucket`` and delete it (moto then frees its buffers)."""
     await empty_bucket(client, bucket)
     await client.delete_bucket(Bucket=bucket)

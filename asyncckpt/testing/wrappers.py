@@ -20,10 +20,11 @@ the key. Injection is deterministic: no randomness, every match is counted.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 from ..errors import StorageError
 from ..storage import ByteBudget, ObjectInfo, ObjectWriter, PendingUpload, Storage
@@ -59,6 +60,11 @@ OPERATIONS = frozenset(
 #: What a fault raises: an exception (raised as is), an exception class (instantiated
 #: with a message naming the operation and key), or a function of (op, key) returning one.
 ErrorSpec = BaseException | type[BaseException] | Callable[[str, str | None], BaseException]
+
+
+def _is_exception_class(error: ErrorSpec) -> TypeGuard[type[BaseException]]:
+    """Whether ``error`` is an exception class (anything else callable is a function of (op, key))."""
+    return isinstance(error, type) and issubclass(error, BaseException)
 
 
 class StorageWrapper(Storage):
@@ -111,14 +117,14 @@ class StorageWrapper(Storage):
     async def exists(self, key: str) -> bool:
         return await self._forward("exists", (key,), lambda: self.inner.exists(key))
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         async def listing() -> list[ObjectInfo]:
             return [info async for info in self.inner.list(prefix)]
 
         for info in await self._forward("list", (prefix,), listing):
             yield info
 
-    async def list_dirs(self, prefix: str = "") -> list[str]:
+    async def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         return await self._forward("list_dirs", (prefix,), lambda: self.inner.list_dirs(prefix))
 
     # -- writes -------------------------------------------------------------------------
@@ -138,7 +144,7 @@ class StorageWrapper(Storage):
     async def check_root(self) -> None:
         await self._forward("check_root", (None,), self.inner.check_root)
 
-    async def list_pending_uploads(self, prefix: str = "") -> list[PendingUpload]:
+    async def list_pending_uploads(self, prefix: str = "") -> builtins.list[PendingUpload]:
         return await self._forward("list_pending_uploads", (prefix,), lambda: self.inner.list_pending_uploads(prefix))
 
     async def abort_pending_upload(self, upload: PendingUpload) -> None:
@@ -200,7 +206,7 @@ class Fault:
         error = self.error
         if isinstance(error, BaseException):
             return error
-        if isinstance(error, type) and issubclass(error, BaseException):
+        if _is_exception_class(error):
             message = f"injected fault: {op} {key if key is not None else ''}".rstrip()
             if issubclass(error, StorageError):
                 return error(message, key=key, code="InjectedFault")
