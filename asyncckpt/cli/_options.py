@@ -99,7 +99,7 @@ def storage_options_for(url: str, endpoint_url: str | None) -> dict[str, Any]:
     return {"endpoint_url": endpoint_url}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float]):
     """A duration, as seconds (``90``, ``2.5``) or with a unit: ``90s``, ``30m``, ``1h``, ``2d``."""
 
     name = "duration"

@@ -20,13 +20,19 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncckpt import MultiNodeCheckpointManager, TransferConfig
 from asyncckpt.testing.s3_server import REGION
 
 from ._meters import Meter
 from ._state import EPOCH, SCALARS, BenchParams, BlobSpec, ChildJob, build_state, digest, partial_selection
+
+if TYPE_CHECKING:
+    from aiobotocore.session import ClientCreatorContext
+    from mypy_boto3_s3.client import S3Client as SyncS3Client
+    from s3transfer.manager import TransferManager
+    from types_aiobotocore_s3.client import S3Client
 
 __all__ = ["CHILD_OPS", "ChildContext", "ConcatReader"]
 
@@ -157,7 +163,8 @@ class ChildContext:
     def expected(self) -> dict[str, str]:
         """The SHA-256 digest of every blob, ``"node/blob" -> hex`` (written by the prep op)."""
         with open(self.job.expected) as f:
-            return json.load(f)
+            digests: dict[str, str] = json.load(f)
+        return digests
 
     def storage_options(self) -> dict[str, Any]:
         """asyncckpt's ``storage_options`` for the server (credentials from the environment)."""
@@ -196,7 +203,7 @@ def op_memcpy(ctx: ChildContext) -> dict[str, Any]:
     return {"bytes": ctx.state_bytes, "warm_copyto_s": warm}
 
 
-def _aio_client(ctx: ChildContext) -> Any:
+def _aio_client(ctx: ChildContext) -> ClientCreatorContext[S3Client]:
     import aioboto3
     from aiobotocore.config import AioConfig
 
@@ -220,7 +227,8 @@ async def op_aio_save(ctx: ChildContext) -> dict[str, Any]:
         async with asyncio.TaskGroup() as tg:
             for node, entry in index["nodes"].items():
                 body = ConcatReader([state[node][name] for name in entry["blobs"]])
-                tg.create_task(client.upload_fileobj(body, bucket, entry["key"], Config=tcfg))
+                # the stubs ask for typing.IO; upload_fileobj reads any file-like object, as ConcatReader is
+                tg.create_task(client.upload_fileobj(body, bucket, entry["key"], Config=tcfg))  # type: ignore[arg-type]
             tg.create_task(
                 client.put_object(Bucket=bucket, Key=f"{ctx.job.prefix}/index.json", Body=json.dumps(index).encode())
             )
@@ -250,7 +258,7 @@ async def op_aio_load(ctx: ChildContext) -> dict[str, Any]:
     return {"bytes": ctx.state_bytes, "verified": problem is None, "problem": problem}
 
 
-def _s3t(ctx: ChildContext) -> tuple[Any, Any]:
+def _s3t(ctx: ChildContext) -> tuple[SyncS3Client, TransferManager]:
     import boto3
     from boto3.s3.transfer import TransferConfig as S3TransferConfig
     from boto3.s3.transfer import create_transfer_manager
@@ -273,10 +281,11 @@ def op_s3t_save(ctx: ChildContext) -> dict[str, Any]:
     bucket = ctx.job.bucket
     with manager:
         ctx.meter.start()
-        futures = [
-            manager.upload(ConcatReader([state[node][name] for name in entry["blobs"]]), bucket, entry["key"])
-            for node, entry in index["nodes"].items()
-        ]
+        futures = []
+        for node, entry in index["nodes"].items():
+            body = ConcatReader([state[node][name] for name in entry["blobs"]])
+            # the stubs ask for typing.IO; upload reads any file-like object, as ConcatReader is
+            futures.append(manager.upload(body, bucket, entry["key"]))  # type: ignore[arg-type]
         client.put_object(Bucket=bucket, Key=f"{ctx.job.prefix}/index.json", Body=json.dumps(index).encode())
         for future in futures:
             future.result()

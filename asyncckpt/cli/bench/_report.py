@@ -29,8 +29,8 @@ __all__ = [
 
 def median(values: Sequence[float | None]) -> float | None:
     """The median of the values that are numbers (None and NaN left out); None when there are none."""
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.median(values) if values else None
+    numbers = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(numbers) if numbers else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -59,13 +59,14 @@ def summarize(runs: Sequence[Mapping[str, Any]], state_bytes: int) -> dict[str, 
             continue
         walls = [r["wall_s"] for r in ok]
         nbytes = ok[0].get("bytes") or state_bytes
+        wall = median(walls)
         cpu = median([r["cpu_s"] for r in ok])
         row.update(
             bytes=nbytes,
-            wall_s=median(walls),
+            wall_s=wall,
             wall_min_s=min(walls),
             wall_max_s=max(walls),
-            mb_s=nbytes / median(walls) / 1e6,
+            mb_s=nbytes / wall / 1e6 if wall is not None else None,
             cpu_s=cpu,
             cpu_s_per_gb=cpu / (nbytes / 1e9) if cpu is not None else None,
             cpu_user_s=median([r.get("cpu_user_s") for r in ok]),

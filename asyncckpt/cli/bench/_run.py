@@ -72,10 +72,10 @@ def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-async def run_child(job: ChildJob, timeout: float) -> dict[str, Any]:
+async def run_child(job: ChildJob, kill_after_s: float) -> dict[str, Any]:
     """Run one measurement in a fresh process; its JSON result (``status`` says how it went).
 
-    Past ``timeout`` seconds the child is killed (by its PID) and the result says ``timeout``.
+    Past ``kill_after_s`` seconds the child is killed (by its PID) and the result says ``timeout``.
     """
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
@@ -89,10 +89,15 @@ async def run_child(job: ChildJob, timeout: float) -> dict[str, Any]:
         env=clean_env({}),
     )
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(kill_after_s):
             stdout, stderr = await proc.communicate()
     except TimeoutError:
-        return {"op": job.op, "prefix": job.prefix, "status": "timeout", "error": f"no result within {timeout:.0f} s"}
+        return {
+            "op": job.op,
+            "prefix": job.prefix,
+            "status": "timeout",
+            "error": f"no result within {kill_after_s:.0f} s",
+        }
     finally:
         if proc.returncode is None:
             proc.kill()  # our own child, by its PID

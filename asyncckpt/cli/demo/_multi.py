@@ -290,7 +290,7 @@ async def run_multiprocess_demo(
     storage_options: Mapping[str, Any] | None = None,
     config: TransferConfig | None = None,
     console: Console | None = None,
-    timeout: float = 300.0,
+    timeout: float = 300.0,  # noqa: ASYNC109 - a deadline per set of workers (--timeout), not one for the call
 ) -> DemoResult:
     """:func:`~._single.run_demo` with the nodes in ``processes`` spawned OS processes.
 
