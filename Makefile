@@ -22,5 +22,16 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/asyncckpt bench
 
+# mypy --strict and ruff (lint rules, ASYNC included, and the formatter's check)
+.PHONY: lint
+$(BIN)/.lint-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[lint]'
+	touch $@
+
+lint: $(BIN)/.lint-installed
+	$(BIN)/python -m mypy asyncckpt
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
