@@ -100,8 +100,10 @@ def star_import(module: ModuleType) -> set[str]:
 
 @pytest.mark.parametrize(
     ("module", "expected"),
-    [(asyncckpt, ASYNCCKPT), (asyncckpt.storage, STORAGE)],
-    ids=lambda v: getattr(v, "__name__", ""),
+    [
+        pytest.param(asyncckpt, ASYNCCKPT, id="asyncckpt"),
+        pytest.param(asyncckpt.storage, STORAGE, id="asyncckpt.storage"),
+    ],
 )
 def test_a_package_face_exports_exactly_its_expected_names(module: ModuleType, expected: set[str]) -> None:
     assert len(module.__all__) == len(set(module.__all__)), "a name is listed twice"
