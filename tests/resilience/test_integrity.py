@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager
 from asyncckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError
 from asyncckpt.layout import manifest_key
 from asyncckpt.storage import Storage, storage_for
+from tests.support.asserts import assert_same
 
 NODES = ("trainer-0", "trainer-1", "ps-0")
 OTHER_EPOCH = 20  # intact; its shards are what a damaged manifest points at

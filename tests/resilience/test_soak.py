@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager
+from tests.support.asserts import assert_same
 
 NODES = ("node-0", "node-1", "node-2")
 CYCLES = 100

@@ -1,6 +1,6 @@
 """A checkpointing "training job" for the crash tests, run as a child process.
 
-    python _crash_child.py ENDPOINT DB_PREFIX SEED EPOCH [EPOCH ...]
+    python crash_child.py ENDPOINT DB_PREFIX SEED EPOCH [EPOCH ...]
 
 saves each epoch's deterministic state (:func:`crash_state`) through
 ``MultiNodeCheckpointManager`` to the S3 endpoint (the fault proxy, in the tests),

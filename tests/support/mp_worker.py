@@ -1,6 +1,6 @@
 """One process of a multi-process job, for tests/test_multiprocess.py (not a test module).
 
-Run as ``python tests/_mp_worker.py '<json>'``; prints one JSON object per line on stdout
+Run as ``python tests/support/mp_worker.py '<json>'``; prints one JSON object per line on stdout
 (``{"event": ...}``) and exits 0 on success, 2 when a save raised a CheckpointError.
 
 Arguments (a JSON object):

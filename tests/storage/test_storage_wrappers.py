@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from asserts import assert_same
 
 from asyncckpt import codec
 from asyncckpt.config import MiB, TransferConfig
@@ -29,6 +28,7 @@ from asyncckpt.manifest import NodeRecord
 from asyncckpt.node import ShardReader, ShardWriter
 from asyncckpt.storage import ByteBudget, MemoryStorage, Storage, drop_memory_store, storage_for
 from asyncckpt.testing.wrappers import Fault, FaultyStorage, LatencyStorage
+from tests.support.asserts import assert_same
 
 NODE = "trainer_0"
 SHARD = "epoch_1/trainer_0.shard"

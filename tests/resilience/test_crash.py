@@ -22,13 +22,14 @@ from typing import Any
 
 import aioboto3
 import pytest
-from _crash_child import NODES, assert_state_equal, crash_state
 from aiobotocore.config import AioConfig
-from faultproxy import Exchange, FaultProxy, Hold, Request
 
 from asyncckpt import MiB, MultiNodeCheckpointManager, TransferConfig
+from tests.support import crash_child
+from tests.support.crash_child import NODES, assert_state_equal, crash_state
+from tests.support.faultproxy import Exchange, FaultProxy, Hold, Request
 
-CHILD = Path(__file__).with_name("_crash_child.py")
+CHILD = Path(crash_child.__file__)
 SEED = 7
 WAIT = 30.0  # bound of every wait
 ROOT = "job"

@@ -1,6 +1,6 @@
 """A job whose nodes live in separate OS processes, committing through storage alone.
 
-Every test starts real Python processes (tests/_mp_worker.py, one manager each) against
+Every test starts real Python processes (tests/support/mp_worker.py, one manager each) against
 the moto server of conftest.py over loopback; the parent only starts, releases, kills and
 inspects them, and checks the bucket directly with aioboto3.
 """
@@ -22,12 +22,13 @@ from typing import Any
 
 import aioboto3
 import pytest
-from _mp_worker import BLOBS, expected_state, same_state
 from aiobotocore.config import AioConfig
 
 from asyncckpt import MultiNodeCheckpointManager, split_nodes
+from tests.support import mp_worker
+from tests.support.mp_worker import BLOBS, expected_state, same_state
 
-WORKER = Path(__file__).with_name("_mp_worker.py")
+WORKER = Path(mp_worker.__file__)
 STARTUP_TIMEOUT = 60.0  # interpreters importing aioboto3 on a loaded 2-core machine
 RUN_TIMEOUT = 60.0
 
@@ -456,7 +457,7 @@ def test_worker_values_are_deterministic() -> None:
 @pytest.mark.slow
 def test_example_script(s3_bucket: str, s3_endpoint: str, tmp_path: Path) -> None:
     """examples/multiprocess_job.py: commits with plain multiprocessing, restarts, resumes."""
-    script = Path(__file__).parents[1] / "examples" / "multiprocess_job.py"
+    script = Path(__file__).parents[2] / "examples" / "multiprocess_job.py"
     command = [sys.executable, str(script), "--url", f"s3://{s3_bucket}/example", "--endpoint-url", s3_endpoint]
     command += ["--processes", "2", "--nodes", "4", "--epochs", "2", "--mib-per-node", "0.05", "--timeout", "90"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)

@@ -13,11 +13,11 @@ from typing import Any
 
 import aioboto3
 import pytest
-from _crash_child import NODES, assert_state_equal, make_state
 from aiobotocore.config import AioConfig
-from faultproxy import FaultProxy, ForwardThenReset, Hold, Request, Respond, Truncate
 
 from asyncckpt import MiB, MultiNodeCheckpointManager, StorageError, TransferConfig
+from tests.support.crash_child import NODES, assert_state_equal, make_state
+from tests.support.faultproxy import FaultProxy, ForwardThenReset, Hold, Request, Respond, Truncate
 
 SEED = 20261126
 SECRET = "supersecret-DO-NOT-PRINT"

@@ -21,11 +21,11 @@ import aioboto3
 import numpy as np
 import pytest
 from aiobotocore.config import AioConfig
-from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager
 from asyncckpt.layout import manifest_key
 from asyncckpt.storage import Storage, storage_for
+from tests.support.asserts import assert_same
 
 NODES = ("n0", "n1")
 UPLOAD_KEY = "epochs/000000000009/x.y/n.shard"  # an unfinished multipart upload (S3)

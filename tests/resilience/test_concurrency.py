@@ -26,12 +26,12 @@ import aioboto3
 import numpy as np
 import pytest
 from aiobotocore.config import AioConfig
-from asserts import assert_same
 
 from asyncckpt import MultiNodeCheckpointManager, TransferConfig
 from asyncckpt.errors import CheckpointConflictError
 from asyncckpt.layout import epoch_dir, manifest_key
 from asyncckpt.storage import storage_for
+from tests.support.asserts import assert_same
 
 MiB = 1 << 20
 NODES = ("worker-0", "worker-1", "worker-2")

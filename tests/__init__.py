@@ -1,0 +1,1 @@
+"""asyncckpt's test-suite, by layer: unit/, storage/, manager/, resilience/, cli/; helpers in support/."""

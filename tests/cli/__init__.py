@@ -1,0 +1,1 @@
+"""The command line: asyncckpt ls/gc/demo and the bench."""

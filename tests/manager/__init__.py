@@ -1,0 +1,1 @@
+"""MultiNodeCheckpointManager through its public API, one concern per module."""

@@ -1,0 +1,1 @@
+"""Faults, crashes, concurrency, fuzzing, soak and integrity: the manager under stress."""

@@ -1,0 +1,1 @@
+"""Storage backends: the conformance suite per backend, the wrappers, lazy imports."""

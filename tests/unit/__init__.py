@@ -1,0 +1,1 @@
+"""Pure layers tested alone: codec, layout, manifest, node (one shard), config, task helpers."""
