@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import MiB, MultiNodeCheckpointManager, job_from_env, split_nodes
+from asyncckpt.testing.s3_server import ThreadedS3Server, create_bucket
 
 
 def say(line: str) -> None:
@@ -112,15 +113,18 @@ def main() -> None:
         run_both(args, options)
         return
     try:
-        from asyncckpt._server import EmbeddedS3Server
-
-        server = EmbeddedS3Server().start()  # moto in a thread of this process; workers use loopback
-    except (ImportError, RuntimeError) as exc:
+        server = ThreadedS3Server().start()  # moto in a thread of this process; workers use loopback
+    except RuntimeError as exc:
         parser.error(f"no --url and no embedded S3 server ({exc})")
     with server:
-        server.create_bucket("asyncckpt-example")
+        asyncio.run(create_example_bucket(server))
         args.url = "s3://asyncckpt-example/multiprocess-job"
         run_both(args, server.storage_options)
+
+
+async def create_example_bucket(server: ThreadedS3Server) -> None:
+    async with server.admin_client() as admin:
+        await create_bucket(admin, "asyncckpt-example")
 
 
 def run_both(args: argparse.Namespace, options: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated AWS environment, an S3 endpoint, fresh buckets, locations.
 
-The S3 endpoint is moto's threaded server on an ephemeral loopback port, unless
+The S3 endpoint is moto's threaded server on an ephemeral loopback port
+(:class:`asyncckpt.testing.s3_server.ThreadedS3Server`), unless
 ``ASYNCCKPT_TEST_S3_ENDPOINT`` names an external one (MinIO, a ``moto_server`` started
 by CI...); its credentials then come from ``ASYNCCKPT_TEST_AWS_ACCESS_KEY_ID`` and
 ``ASYNCCKPT_TEST_AWS_SECRET_ACCESS_KEY`` (default ``testing``/``testing``).
@@ -18,9 +19,9 @@ from typing import Any
 
 import aioboto3
 import pytest
-from s3_helpers import REGION, admin_client, delete_bucket, new_bucket_name
 
 from asyncckpt.storage import drop_memory_store
+from asyncckpt.testing.s3_server import REGION, ThreadedS3Server, admin_client, delete_bucket, new_bucket_name
 
 EXTERNAL_ENDPOINT_VAR = "ASYNCCKPT_TEST_S3_ENDPOINT"
 
@@ -71,16 +72,8 @@ def s3_endpoint(aws_environment: None) -> Iterator[str]:
     if external:
         yield external
         return
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # verbose=False does not silence it
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()  # werkzeug's serve_forever closes the listening socket on its way out
+    with ThreadedS3Server() as server:
+        yield server.endpoint_url
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from asyncckpt.bench import OPS, bench_command
+from asyncckpt.cli.bench import OPS
+from asyncckpt.cli.bench import bench as bench_command
 
 RATIO_FIELDS = ("wall_vs_aio", "wall_vs_s3t", "cpu_vs_aio", "cpu_vs_s3t")
 

@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from asyncckpt import MultiNodeCheckpointManager
-from asyncckpt.cli import EXIT_ERROR, EXIT_OK, Duration, main
-from asyncckpt.demo import compare_workspaces, init_workspace, node_names, train_epoch
+from asyncckpt.cli import EXIT_ERROR, EXIT_OK, main
+from asyncckpt.cli._options import Duration
+from asyncckpt.cli.demo import compare_workspaces, init_workspace, node_names, train_epoch
 from asyncckpt.layout import receipt_key, shard_key
 from asyncckpt.storage import drop_memory_store, storage_for
 
@@ -30,7 +31,7 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-# asyncckpt.storage.s3 hands aiohttp raw bytes bodies; above 1 MiB aiohttp warns
+# asyncckpt.storage._s3 hands aiohttp raw bytes bodies; above 1 MiB aiohttp warns
 # (ResourceWarning "Sending a large body directly with raw bytes might lock the event
 # loop"), which the strict warning filter turns into a failed upload. Remove this mark
 # once the S3 backend streams large bodies (e.g. as io.BytesIO).

@@ -10,13 +10,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from s3_helpers import (
-    REGION,
-    admin_client,
-    delete_bucket,
-    empty_bucket,
-    new_bucket_name,
-)
 
 from asyncckpt.config import MiB, TransferConfig
 from asyncckpt.errors import CheckpointNotFoundError, StorageError
@@ -29,6 +22,7 @@ from asyncckpt.storage import (
     drop_memory_store,
 )
 from asyncckpt.storage._s3 import _aiohttp_stream
+from asyncckpt.testing.s3_server import REGION, admin_client, delete_bucket, empty_bucket, new_bucket_name
 from asyncckpt.testing.storage_suite import StorageConformance, payload
 from asyncckpt.testing.wrappers import OPERATIONS, FaultyStorage, LatencyStorage
 

@@ -1,0 +1,193 @@
+"""``asyncckpt bench``: asyncckpt against bare aioboto3 and boto3's s3transfer, on one machine.
+
+:func:`~._run.run_bench` starts moto's S3 server on ``127.0.0.1`` as a subprocess of its
+own, generates a multi-node numpy state (``nodes`` nodes of ``blobs_per_node``
+float32/float64 arrays from a seeded RNG, plus two scalars per node: the same bytes for
+every peer) and measures, on the same server and bytes:
+
+``memcpy``
+    a fresh ``np.copy`` of the whole state (and a warm ``np.copyto`` into those copies);
+``aio_save`` / ``aio_load``
+    bare aioboto3 with botocore's default config (SigV4 payload signing over http, a
+    CRC32 per upload): one ``upload_fileobj`` per node (multipart threshold and chunk
+    size = asyncckpt's part size, ``max_concurrency`` = asyncckpt's) plus a JSON index
+    object; loading is ``get_object`` + ``await Body.read()`` of every object;
+``s3t_save`` / ``s3t_load``
+    boto3's s3transfer (``upload``/``download`` of a ``TransferManager`` with the same
+    part size and as many threads), boto3's default config;
+``ckpt_save`` / ``ckpt_load`` / ``ckpt_partial`` / ``ckpt_save_async``
+    asyncckpt as users get it (``TransferConfig()`` unless knobs are given):
+    ``save``, ``load``, ``load_blobs_locally`` of 10% of the blobs, and ``save_async``
+    (time until it returns = blocking time; time until the commit = total).
+
+Method (``peers_bench.md``, section 3): one measurement is one fresh client process
+(``python -m asyncckpt.cli.bench._child JOB``), which builds the state before the timed
+region and prints one JSON line. Each child records wall time,
+client CPU (``getrusage`` self + children), the op's peak RSS (``VmHWM`` after resetting
+it through ``/proc/self/clear_refs`` just before the op; ``ru_maxrss`` is recorded too,
+but a child started by a Python parent inherits the parent's high-water mark in it),
+RSS before the op, the server's CPU (``/proc/PID/stat``), the requests the server
+logged, and the bytes of the object bodies it sent (its log has each response's size). Loads are verified against SHA-256
+digests of the generated state. The peers run interleaved (the order rotates every
+repetition) and the table shows medians over the repetitions. Every child runs under
+a timeout and the whole run under a time budget: past it, the remaining measurements
+are skipped and what was done is reported.
+
+The server gets glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` tunables
+(``env_lab.md`` section 4.6); the clients run with default glibc settings. Loopback only.
+
+Modules: ``_state`` (ops, the state, settings), ``_ops`` (the measured operations),
+``_child`` (a measurement's process), ``_meters`` (``/proc`` and log readings), ``_run``
+(the driver), ``_report`` (medians, ratios, targets, the table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import EXIT_ERROR, EXIT_OK, fail, run_coroutine
+from ._state import DEFAULT_BUDGET_S, DEFAULT_OP_TIMEOUT_S, OPS
+
+__all__ = ["OPS", "bench"]
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--state-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="State size in MiB.  [default: 192; --quick: 32]",
+)
+@click.option("--nodes", type=click.IntRange(min=1), default=4, show_default=True, help="Simulated nodes.")
+@click.option(
+    "--blobs-per-node",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Arrays per node (float32/float64).",
+)
+@click.option(
+    "--reps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Repetitions (medians are shown).  [default: 3; --quick: 1]",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write every measurement, the medians, ratios and targets here.",
+)
+@click.option("--quick", is_flag=True, help="A small, fast run: 32 MiB and 1 repetition (explicit options win).")
+@click.option(
+    "--part-size-mib",
+    type=click.FloatRange(min=5),
+    default=None,
+    help="asyncckpt TransferConfig.part_size (also the baselines' part size).  [default: TransferConfig's]",
+)
+@click.option(
+    "--range-size-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="asyncckpt TransferConfig.range_size.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="asyncckpt TransferConfig.max_concurrency (also the baselines').",
+)
+@click.option(
+    "--max-bytes-in-flight-mib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="asyncckpt TransferConfig.max_bytes_in_flight.",
+)
+@click.option(
+    "--checksum-mode",
+    type=click.Choice(["when_required", "when_supported"]),
+    default=None,
+    help="asyncckpt TransferConfig.checksum_mode.",
+)
+@click.option("--payload-signing/--no-payload-signing", default=None, help="asyncckpt TransferConfig.payload_signing.")
+@click.option(
+    "--baseline-part-size-mib",
+    type=click.FloatRange(min=5),
+    default=None,
+    help="Part size of the aioboto3/s3transfer baselines.  [default: asyncckpt's part size]",
+)
+@click.option(
+    "--budget-s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_BUDGET_S,
+    show_default=True,
+    help="Total time budget; past it the remaining measurements are skipped.",
+)
+@click.option(
+    "--op-timeout-s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_OP_TIMEOUT_S,
+    show_default=True,
+    help="Timeout of one measured operation.",
+)
+def bench(
+    state_mib: float | None,
+    nodes: int,
+    blobs_per_node: int,
+    reps: int | None,
+    json_path: Path | None,
+    quick: bool,
+    part_size_mib: float | None,
+    range_size_mib: float | None,
+    max_concurrency: int | None,
+    max_bytes_in_flight_mib: float | None,
+    checksum_mode: str | None,
+    payload_signing: bool | None,
+    baseline_part_size_mib: float | None,
+    budget_s: float,
+    op_timeout_s: float,
+) -> None:
+    """Benchmark asyncckpt against bare aioboto3 and boto3's s3transfer on a local S3
+    server (moto_server on 127.0.0.1, started and stopped here), on the same bytes.
+
+    Each measurement runs in a fresh process; prints a table of wall time, MB/s, client
+    CPU, peak RSS and server CPU with ratios to the baselines, and the targets met or
+    missed. Exit code 0 when the benchmark ran (targets are reported, not asserted),
+    2 when it could not run.
+    """
+    from rich.console import Console
+
+    from ._run import run_bench  # the driver and its report: loaded when the command runs
+
+    if state_mib is None:
+        state_mib = 32 if quick else 192
+    if reps is None:
+        reps = 1 if quick else 3
+    console = Console(width=max(Console().width, 200))
+    try:
+        result = run_coroutine(
+            run_bench(
+                state_mib=state_mib,
+                nodes=nodes,
+                blobs_per_node=blobs_per_node,
+                reps=reps,
+                out_json=json_path,
+                console=console,
+                part_size_mib=part_size_mib,
+                range_size_mib=range_size_mib,
+                max_concurrency=max_concurrency,
+                max_bytes_in_flight_mib=max_bytes_in_flight_mib,
+                checksum_mode=checksum_mode,
+                payload_signing=payload_signing,
+                baseline_part_size_mib=baseline_part_size_mib,
+                budget_s=budget_s,
+                op_timeout_s=op_timeout_s,
+            )
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        fail(exc)
+    ran = any(r.get("n") for r in result["rows"].values())
+    raise SystemExit(EXIT_OK if ran else EXIT_ERROR)
