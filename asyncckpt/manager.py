@@ -336,6 +336,8 @@ class MultiNodeCheckpointManager:
             # another writer won, or gc claimed the attempt: nothing will ever name our objects
             if alone:  # (a job's objects are gc's: other processes may still read them)
                 keys = [*EpochIndex(epoch, staged.writer_id, records).keys, staged.index]
+                if state.decided:  # we lost the manifest: our verdict names nothing ever again
+                    keys.append(layout.decision_key(epoch, staged.writer_id))
                 await shielded(discard(self._storage, keys))
             raise
         finally:

@@ -100,6 +100,7 @@ class NodeRecord:
     crc32c: int
     stats: NodeStats = field(default_factory=NodeStats)
     receipt: str | None = None  # the node's receipt object, when its save wrote one
+    index_crc32c: int | None = None  # CRC32C of the shard's blob index (format 1: not recorded)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -108,6 +109,8 @@ class NodeRecord:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shard": self.shard, "size": self.size, "crc32c": self.crc32c}
+        if self.index_crc32c is not None:
+            out["index_crc32c"] = self.index_crc32c
         if self.receipt is not None:
             out["receipt"] = self.receipt
         out["stats"] = self.stats.to_json()
@@ -120,14 +123,15 @@ class NodeRecord:
             if not isinstance(raw, Mapping):
                 raise ValueError("node record is not an object")
             shard, size, crc, receipt = raw["shard"], raw["size"], raw["crc32c"], raw.get("receipt")
+            index_crc = raw.get("index_crc32c")
             if not isinstance(shard, str) or not (receipt is None or isinstance(receipt, str)):
                 raise ValueError("shard and receipt must be keys")
-            _check_unsigned(size, crc)
-            if crc >= 1 << 32:
+            _check_unsigned(size, crc, *([] if index_crc is None else [index_crc]))
+            if crc >= 1 << 32 or (index_crc or 0) >= 1 << 32:
                 raise ValueError("crc32c out of range")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorruptedError(f"{where}: invalid record of node {node!r}: {exc}") from None
-        return cls(node, shard, size, crc, NodeStats.from_json(raw.get("stats")), receipt)
+        return cls(node, shard, size, crc, NodeStats.from_json(raw.get("stats")), receipt, index_crc)
 
     def receipt_json(self, epoch: int, writer_id: str) -> bytes:
         body = {"format": RECEIPT_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch, "writer_id": writer_id}
@@ -160,7 +164,8 @@ class EpochIndex:
         return {key for record in self.nodes.values() for key in record.keys}
 
     @property
-    def bytes(self) -> int:
+    def total_bytes(self) -> int:
+        """The size of every node's shard, added up."""
         return sum(record.size for record in self.nodes.values())
 
     def to_json(self) -> bytes:
@@ -189,7 +194,8 @@ class EpochManifest:
     """The commit record of one epoch, small whatever the number of nodes and blobs.
 
     ``index`` is the key of the epoch's :class:`EpochIndex` (``index_size`` bytes with
-    CRC32C ``index_crc32c``); ``node_count`` and ``bytes`` are totals over its nodes;
+    CRC32C ``index_crc32c``); ``node_count`` and ``total_bytes`` (the shards' sizes) are
+    totals over its nodes;
     ``metrics`` are the user's numbers for the epoch.
     """
 
@@ -199,7 +205,7 @@ class EpochManifest:
     index_size: int
     index_crc32c: int
     node_count: int
-    bytes: int
+    total_bytes: int
     db_type: str = "msgpack"
     created_unix: float = field(default_factory=time.time)
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -222,7 +228,7 @@ class EpochManifest:
             len(data),
             codec.checksum(data),
             len(index.nodes),
-            index.bytes,
+            index.total_bytes,
             db_type,
             metrics=dict(metrics or {}),
         )
@@ -238,7 +244,7 @@ class EpochManifest:
             "created": created,
             "created_unix": self.created_unix,
             "nodes": self.node_count,
-            "bytes": self.bytes,
+            "bytes": self.total_bytes,
             "index": {"key": self.index, "size": self.index_size, "crc32c": self.index_crc32c},
             "metrics": dict(self.metrics),
         }
@@ -274,7 +280,7 @@ class EpochManifest:
         if version == 1:  # the index inline, with a blob index per node (the shards repeat it)
             index = EpochIndex(found, writer_id, _node_records(raw.get("nodes"), found, where))
             return cls(
-                found, writer_id, "", 0, 0, len(index.nodes), index.bytes, db_type, float(created), metrics, 1, index
+                found, writer_id, "", 0, 0, len(index.nodes), index.total_bytes, db_type, float(created), metrics, 1, index
             )
         try:
             pointer = raw["index"]

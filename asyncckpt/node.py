@@ -74,7 +74,9 @@ class ShardWriter:
             assert info.size == size, (info.size, size)
             objects, requests = (1, stats.requests) if receipt is None else (2, stats.requests + 1)
             node_stats = NodeStats(time.perf_counter() - started, size, objects, requests, stats.retries)
-            record = NodeRecord(self.node, shard_key, size, shard_crc, node_stats, receipt[0] if receipt else None)
+            index_crc = codec.checksum(memoryview(trailer)[: len(trailer) - codec.TRAILER_SIZE])
+            receipt_key = receipt[0] if receipt else None
+            record = NodeRecord(self.node, shard_key, size, shard_crc, node_stats, receipt_key, index_crc)
             if receipt is not None:
                 key, epoch, writer_id = receipt
                 await self.storage.put(key, record.receipt_json(epoch, writer_id))
@@ -178,6 +180,8 @@ class ShardReader:
     def _parse_index(self, trailer: memoryview, body_at: Callable[[int, int], memoryview]) -> dict[str, BlobEntry]:
         where = self._where()
         offset, length, crc = codec.parse_trailer(trailer, self.record.size, where)
+        if self.record.index_crc32c is not None and crc != self.record.index_crc32c:
+            raise CheckpointCorruptedError(f"{where}: blob index differs from the record's (a shard of another node?)")
         index = codec.parse_index(body_at(offset, offset + length), crc, where)
         for name, entry in index.items():
             if entry.offset + entry.length > offset:

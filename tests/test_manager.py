@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aioboto3
+import msgpack
 import numpy as np
 import pytest
 from aiobotocore.config import AioConfig
@@ -31,6 +32,7 @@ from asyncckpt import (
     CheckpointStateError,
     MultiNodeCheckpointManager,
     StorageError,
+    codec,
 )
 from asyncckpt.storage import Storage, drop_memory_store, storage_for
 
@@ -124,9 +126,17 @@ async def stored_keys(location: Any) -> list[str]:
 
 
 async def read_manifest(location: Any, epoch: int) -> dict[str, Any]:
-    """The committed manifest of ``epoch`` as plain JSON (DESIGN.md section 3)."""
+    """The committed manifest of ``epoch`` as plain JSON (DESIGN.md, "Layout"), with the
+    records of its index under ``"nodes"`` and, in each, the blob index of its shard."""
     async with open_storage(location) as storage:
-        return json.loads(await storage.get(f"epochs/{epoch:012d}/manifest.json"))
+        manifest = json.loads(await storage.get(f"epochs/{epoch:012d}/manifest.json"))
+        index = json.loads(await storage.get(manifest["index"]["key"]))
+        for node, record in index["nodes"].items():
+            shard = await storage.get(record["shard"])
+            offset, length, _ = codec.parse_trailer(shard[-codec.TRAILER_SIZE :], len(shard), node)
+            blobs = msgpack.unpackb(shard[offset : offset + length])
+            record["blobs"] = blobs
+        return {**manifest, "nodes": index["nodes"]}
 
 
 def key_below(location: Any, url: str) -> str:
