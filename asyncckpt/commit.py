@@ -1,17 +1,31 @@
-"""The commit of an epoch: a create-only manifest, agreed on by every process of a job.
+"""The commit protocol: how an attempt becomes an epoch, and how gc may claim one.
 
-An epoch exists once its manifest exists. The manifest is written create-only, so of
-two writers racing on one epoch exactly one wins; the loser recognises its own job's
-manifest (a lost response to its own write, or another process of its job) as success
-and anybody else's as :class:`CheckpointConflictError`.
+An epoch exists once its manifest exists. Every save attempt is a *writer* (see
+:mod:`.layout`) that ends in two create-only writes:
 
-When a job's nodes live in several processes (each with its own manager and the same
-run id), each process uploads its nodes' shards and receipts, then waits until every
-node's receipt exists. The job then records its decision, create-only, in one small
-object per epoch: ``commit`` (all receipts are there) or ``abort`` (a receipt was still
-missing at the deadline). Any process may write the manifest once the job decided to
-commit; after ``abort`` none can, so a straggler never commits an epoch the others gave
-up on.
+1. its **decision** (``<writer>.decision``): ``commit``, carrying the manifest to publish;
+2. the **manifest** (``manifest.json``), a copy of that decision's manifest.
+
+Whoever else touches an attempt's objects must first win the same decision key:
+garbage collection writes ``abandoned`` there (create-only) before it deletes anything
+of a writer, and a multi-process job that gives up writes ``abort``. Exactly one verdict
+per writer stands, so:
+
+* a writer whose attempt gc claimed cannot commit (its ``commit`` loses; the save says so);
+* gc never deletes a writer that decided to commit: it completes the commit instead
+  (publishes the decision's manifest), so no manifest ever names a deleted object;
+* of several writers racing for one epoch, the first manifest wins; a writer succeeds
+  only if the manifest that stands is its own (a lost response to its own write, or
+  gc completing it for it), otherwise :class:`CheckpointConflictError`.
+
+No step depends on clocks: gc's grace period only spares young attempts the work of
+being claimed, it is not what keeps them safe.
+
+Several processes of one job share one writer (the run id). Each uploads its nodes'
+shards and a receipt per node; the process holding the job's first node is the
+*committer*: it lists the writer's receipts until all are there, writes the index and
+decides ``commit``. The others wait on the one small decision object. A process whose
+upload fails decides ``abort`` at once; at the deadline anyone does.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import layout
 from ._tasks import run_all
@@ -30,156 +44,202 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointTimeoutError,
 )
-from .manifest import EpochManifest, NodeRecord, read_manifest
+from .manifest import Decision, EpochIndex, EpochManifest, NodeRecord, read_manifest
 from .storage import Storage
 
-__all__ = ["JobCommit", "publish_manifest"]
+__all__ = ["JobCommit", "decide", "publish_manifest", "read_decision", "stage_commit"]
 
-_COMMIT = b"commit"
-_ABORT = b"abort"
+_POLL_FIRST = 0.02
+_POLL_MAX = 0.25
+
+
+async def decide(storage: Storage, decision: Decision) -> Decision:
+    """Write ``decision`` create-only; returns the decision that stands (ours, or the
+    one written first)."""
+    try:
+        await storage.put(layout.decision_key(decision.epoch, decision.writer_id), decision.to_json(), create_only=True)
+        return decision
+    except CheckpointConflictError:
+        standing = await read_decision(storage, decision.epoch, decision.writer_id)
+        if standing is None:
+            raise CheckpointConflictError(
+                f"the decision of writer {decision.writer_id} on epoch {decision.epoch} vanished while it was read"
+            ) from None
+        return standing
+
+
+async def read_decision(storage: Storage, epoch: int, writer_id: str) -> Decision | None:
+    key = layout.decision_key(epoch, writer_id)
+    try:
+        data = await storage.get(key)
+    except CheckpointNotFoundError:
+        return None
+    return Decision.from_json(data, storage.url_of(key), epoch=epoch, writer_id=writer_id)
 
 
 async def publish_manifest(storage: Storage, manifest: EpochManifest) -> EpochManifest:
-    """Write ``manifest`` create-only; returns the manifest that stands.
-
-    That is ``manifest`` itself, or a manifest of the same job (same run id) that was
-    there first. A manifest of another writer raises :class:`CheckpointConflictError`.
-    """
+    """Write ``manifest`` create-only; returns it. If a manifest is there first, it is
+    returned when it is the same writer's, else :class:`CheckpointConflictError`."""
     try:
         await storage.put(layout.manifest_key(manifest.epoch), manifest.to_json(), create_only=True)
         return manifest
     except CheckpointConflictError:
-        existing = await _standing_manifest(storage, manifest.epoch)
-        if existing is None or existing.run_id != manifest.run_id:
+        try:
+            existing: EpochManifest | None = await read_manifest(storage, manifest.epoch)
+        except CheckpointError:  # unreadable: not ours to claim
+            existing = None
+        if existing is None or existing.writer_id != manifest.writer_id:
             other = existing.writer_id if existing is not None else "an unknown writer"
             raise CheckpointConflictError(f"epoch {manifest.epoch} was committed first by writer {other}") from None
         return existing
 
 
-async def _standing_manifest(storage: Storage, epoch: int) -> EpochManifest | None:
-    try:
-        return await read_manifest(storage, epoch)
-    except CheckpointError:  # unreadable: not ours to claim
-        return None
+async def stage_commit(
+    storage: Storage, index: EpochIndex, db_type: str, metrics: Mapping[str, float] | None = None
+) -> EpochManifest:
+    """Write the index of a writer's attempt; returns the manifest that commits it."""
+    key = layout.index_key(index.epoch, index.writer_id)
+    data = index.to_json()
+    await storage.put(key, data)
+    return EpochManifest.for_index(index, key, data, db_type, metrics)
 
 
-@dataclass
-class _EpochListing:
-    has_manifest: bool = False
-    has_decision: bool = False
-    receipts: dict[str, str] = field(default_factory=dict)  # node -> newest receipt key of this job
+def refused(decision: Decision) -> CheckpointError:
+    """The error of a writer whose attempt ended with ``decision`` other than commit."""
+    where = f"epoch {decision.epoch} not committed"
+    if decision.verdict == "abandoned":
+        return CheckpointConflictError(
+            f"{where}: gc claimed this save as abandoned before it could commit (gc's grace period is shorter "
+            "than this save took, or clocks disagree); nothing was committed, save again"
+        )
+    return CheckpointTimeoutError(f"{where}: {decision.reason}", missing_nodes=list(decision.missing))
 
 
 @dataclass(frozen=True)
 class JobCommit:
-    """The multi-process agreement of one job incarnation (``run_id``) on its epochs."""
+    """The commit of one epoch by the processes of one job incarnation (``run_id``).
+
+    Construct it with every node of the job (in order), this process's attempt
+    ``token`` and the perf-counter ``deadline``. :meth:`agree` returns the manifest
+    to publish once the job decided to commit; :meth:`give_up` records abort.
+    """
 
     storage: Storage
+    epoch: int
     run_id: str
-    nodes: Sequence[str]  # every node of the job, in order
+    token: str
+    nodes: Sequence[str]
+    deadline: float
     commit_timeout: float
-    db_type: str
+
+    @property
+    def writer_id(self) -> str:
+        return self.run_id
 
     async def agree(
-        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord], started: float
-    ) -> tuple[EpochManifest | None, EpochManifest | None]:
-        """Wait until every node of the job has a receipt, then agree to commit or abort.
-
-        Returns ``(committed manifest, None)`` when this job's manifest already exists,
-        or ``(None, manifest to write)`` once the job decided to commit. At the deadline
-        (``started + commit_timeout``, perf-counter seconds) a process decides "abort" and
-        raises :class:`CheckpointTimeoutError` naming the missing nodes; so does every
-        process that finds the job's decision is "abort". A manifest of another job
-        raises :class:`CheckpointConflictError`.
-        """
-        deadline = started + self.commit_timeout
-        decision_key = layout.decision_key(epoch, self.run_id)
-        delay = 0.02
-        while True:
-            listing = await self._listing(epoch)
-            if listing.has_manifest:
-                existing = await read_manifest(self.storage, epoch)
-                if existing.run_id != self.run_id:
-                    raise CheckpointConflictError(f"epoch {epoch} was committed first by writer {existing.writer_id}")
-                return existing, None
-            missing = [n for n in self.nodes if n not in local and n not in listing.receipts]
-            decision = await self._read_decision(decision_key) if listing.has_decision else None
-            if decision is None and not missing:
-                decision = await self._decide(decision_key, _COMMIT)
-            elif decision is None and time.perf_counter() >= deadline:
-                decision = await self._decide(decision_key, _ABORT)
-                if decision == _ABORT:
-                    raise CheckpointTimeoutError(
-                        f"epoch {epoch} not committed: no receipt from node(s) {missing} within "
-                        f"{self.commit_timeout:g} s (their process may have crashed)",
-                        missing_nodes=missing,
-                    )
-            if decision == _ABORT:
-                raise CheckpointTimeoutError(
-                    f"epoch {epoch} not committed: the job gave up on it at the deadline (node(s) {missing} "
-                    "were late); save a later epoch",
-                    missing_nodes=missing,
-                )
-            if decision == _COMMIT and not missing:
-                return None, await self._manifest_from_receipts(epoch, writer_id, local, listing.receipts)
-            now = time.perf_counter()
-            await asyncio.sleep(min(delay, max(deadline - now, 0.0)) if now < deadline else delay)
-            delay = min(delay * 1.5, 0.25)
-
-    async def _decide(self, key: str, decision: bytes) -> bytes:
-        """Write ``decision`` create-only; returns the decision that stands."""
-        try:
-            await self.storage.put(key, decision, create_only=True)
-            return decision
-        except CheckpointConflictError:
-            standing = await self._read_decision(key)
-            assert standing is not None
-            return standing
-
-    async def _read_decision(self, key: str) -> bytes | None:
-        try:
-            data = await self.storage.get(key)
-        except CheckpointNotFoundError:
-            return None
-        if data not in (_COMMIT, _ABORT):
-            raise CheckpointCorruptedError(f"{self.storage.url_of(key)}: not a commit decision")
-        return data
-
-    async def _listing(self, epoch: int) -> _EpochListing:
-        """One listing of the epoch's directory: manifest, this job's decision, and this
-        job's receipt key per node (the newest attempt of each node)."""
-        listing = _EpochListing()
-        newest: dict[str, tuple[float, str]] = {}
-        manifest_key = layout.manifest_key(epoch)
-        decision_key = layout.decision_key(epoch, self.run_id)
-        async for info in self.storage.list(layout.epoch_dir(epoch)):
-            if info.key == manifest_key:
-                listing.has_manifest = True
-            elif info.key == decision_key:
-                listing.has_decision = True
-            elif (parsed := layout.parse_receipt_key(info.key)) is not None:
-                writer_id, node = parsed
-                if layout.split_writer_id(writer_id)[0] == self.run_id:
-                    stamp = (info.last_modified or 0.0, info.key)
-                    if node not in newest or stamp > newest[node]:
-                        newest[node] = stamp
-        listing.receipts = {node: key for node, (_, key) in newest.items()}
-        return listing
-
-    async def _manifest_from_receipts(
-        self, epoch: int, writer_id: str, local: Mapping[str, NodeRecord], receipts: Mapping[str, str]
+        self, local: Mapping[str, NodeRecord], db_type: str, metrics: Mapping[str, float] | None = None
     ) -> EpochManifest:
-        """The epoch's manifest: our local records plus every other node's receipt."""
-        records = dict(local)
-        remote = [n for n in self.nodes if n not in local]
+        if self.nodes[0] in local:
+            return await self._collect(local, db_type, metrics)
+        return await self._await_decision()
 
-        async def read(node: str) -> NodeRecord:
-            where = self.storage.url_of(receipts[node])
-            got_epoch, _, record = NodeRecord.from_receipt(await self.storage.get(receipts[node]), where)
-            if got_epoch != epoch or record.node != node or record.receipt != receipts[node]:
-                raise CheckpointCorruptedError(f"{where}: receipt does not describe node {node!r} of epoch {epoch}")
-            return record
+    async def give_up(self, reason: str, missing: Sequence[str]) -> Decision:
+        """Decide ``abort``; returns the decision that stands."""
+        return await decide(
+            self.storage, Decision(self.epoch, self.writer_id, "abort", reason=reason, missing=tuple(missing))
+        )
 
-        for node, record in zip(remote, await run_all(read(n) for n in remote)):
-            records[node] = record
-        return EpochManifest(epoch, writer_id, {n: records[n] for n in self.nodes}, self.db_type)
+    async def _collect(
+        self, local: Mapping[str, NodeRecord], db_type: str, metrics: Mapping[str, float] | None
+    ) -> EpochManifest:
+        """The committer: wait for every receipt, then write the index and decide."""
+        delay = _POLL_FIRST
+        while True:
+            decision, receipts = await self._listing()
+            if decision is not None:  # another process gave up, or gc claimed us
+                raise (
+                    refused(decision)
+                    if decision.verdict != "commit"
+                    else CheckpointConflictError(
+                        f"epoch {self.epoch}: a second committer decided for job {self.run_id}"
+                    )
+                )
+            twice = {node: keys for node, keys in receipts.items() if len(keys) > 1}
+            if twice:
+                node, keys = sorted(twice.items())[0]
+                standing = await self.give_up(
+                    f"node {node!r} was saved by {len(keys)} processes of run {self.run_id} ({', '.join(keys)}): "
+                    "two jobs share a run id",
+                    [],
+                )
+                raise refused(standing) if standing.verdict != "abort" else CheckpointConflictError(standing.reason)
+            missing = [n for n in self.nodes if n not in local and n not in receipts]
+            if not missing:
+                records = dict(local)
+                remote = [n for n in self.nodes if n not in local]
+                for node, record in zip(
+                    remote, await run_all((self._read_receipt(n, receipts[n][0]) for n in remote), 16)
+                ):
+                    records[node] = record
+                index = EpochIndex(self.epoch, self.writer_id, {n: records[n] for n in self.nodes})
+                manifest = await stage_commit(self.storage, index, db_type, metrics)
+                standing = await decide(self.storage, Decision(self.epoch, self.writer_id, "commit", manifest))
+                if standing.manifest is None:
+                    raise refused(standing)
+                return standing.manifest
+            if time.perf_counter() >= self.deadline:
+                standing = await self.give_up(self._late(missing), missing)
+                raise (
+                    refused(standing)
+                    if standing.manifest is None
+                    else CheckpointConflictError(
+                        f"epoch {self.epoch}: job {self.run_id} decided to commit without this committer"
+                    )
+                )
+            delay = await self._pause(delay)
+
+    async def _await_decision(self) -> EpochManifest:
+        """Every other process: wait on the decision object."""
+        delay = _POLL_FIRST
+        while True:
+            decision = await read_decision(self.storage, self.epoch, self.writer_id)
+            if decision is None and time.perf_counter() >= self.deadline:
+                _, receipts = await self._listing()
+                missing = [n for n in self.nodes if n not in receipts]
+                decision = await self.give_up(self._late(missing), missing)
+            if decision is not None:
+                if decision.manifest is None:
+                    raise refused(decision)
+                return decision.manifest
+            delay = await self._pause(delay)
+
+    def _late(self, missing: Sequence[str]) -> str:
+        return (
+            f"no receipt from node(s) {list(missing)} within {self.commit_timeout:g} s (their process may have crashed)"
+        )
+
+    async def _pause(self, delay: float) -> float:
+        now = time.perf_counter()
+        await asyncio.sleep(min(delay, max(self.deadline - now, 0.0)) if now < self.deadline else delay)
+        return min(delay * 1.5, _POLL_MAX)
+
+    async def _listing(self) -> tuple[Decision | None, dict[str, list[str]]]:
+        """One listing of the writer's objects: its decision (read if present) and the
+        receipt keys of each node."""
+        decision_key = layout.decision_key(self.epoch, self.writer_id)
+        has_decision = False
+        receipts: dict[str, list[str]] = {}
+        async for info in self.storage.list(layout.epoch_dir(self.epoch) + self.writer_id):
+            if info.key == decision_key:
+                has_decision = True
+            elif (parsed := layout.parse_receipt_key(info.key)) is not None and parsed[0] == self.writer_id:
+                receipts.setdefault(parsed[2], []).append(info.key)
+        decision = await read_decision(self.storage, self.epoch, self.writer_id) if has_decision else None
+        return decision, receipts
+
+    async def _read_receipt(self, node: str, key: str) -> NodeRecord:
+        where = self.storage.url_of(key)
+        epoch, writer_id, record = NodeRecord.from_receipt(await self.storage.get(key), where)
+        if epoch != self.epoch or writer_id != self.writer_id or record.node != node or record.receipt != key:
+            raise CheckpointCorruptedError(f"{where}: receipt does not describe node {node!r} of epoch {self.epoch}")
+        return record

@@ -23,7 +23,8 @@ class TransferConfig:
     Multipart
         ``part_size``: size of one multipart part (S3 needs >= 5 MiB except the last);
         a shard of at most one part is uploaded with a single PUT. ``range_size``: size of one ranged GET when a
-        large shard is downloaded in parallel.
+        large shard is downloaded in parallel. ``coalesce_gap``: partial loads fetch two wanted blobs
+        with one ranged GET when at most this many unwanted bytes lie between them.
     S3 client
         ``checksum_mode``: ``"when_required"`` (default: botocore adds no CRC of its own;
         asyncckpt's CRC32C protects every blob end to end; works on MinIO, Ceph, R2...)
@@ -43,6 +44,7 @@ class TransferConfig:
     max_bytes_in_flight: int = 80 * MiB
     part_size: int = 16 * MiB
     range_size: int = 64 * MiB
+    coalesce_gap: int = 1 * MiB
     checksum_mode: str = "when_required"
     payload_signing: bool = False
     retry_mode: str = "standard"
@@ -60,6 +62,8 @@ class TransferConfig:
             raise ValueError(f"TransferConfig.part_size must be at least 5 MiB (S3's minimum), got {self.part_size}")
         if self.range_size < 1:
             raise ValueError("TransferConfig.range_size must be positive")
+        if not isinstance(self.coalesce_gap, int) or isinstance(self.coalesce_gap, bool) or self.coalesce_gap < 0:
+            raise ValueError(f"TransferConfig.coalesce_gap must be a non-negative int, got {self.coalesce_gap!r}")
         if self.max_bytes_in_flight < self.part_size:
             raise ValueError(
                 f"TransferConfig.max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least part_size ({self.part_size})"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from . import layout
 from ._tasks import run_all
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .manifest import EpochManifest, manifest_or_none, read_manifest
+from .commit import decide, publish_manifest, read_decision
+from .errors import CheckpointConflictError, CheckpointCorruptedError, CheckpointNotFoundError
+from .manifest import Decision, EpochManifest, manifest_or_none, read_index, read_manifest
 from .storage import ObjectInfo, Storage
 
 __all__ = ["GcReport", "collect_garbage", "committed_manifests", "epoch_dirs", "latest_committed_epoch"]
@@ -19,13 +21,20 @@ log = logging.getLogger("asyncckpt")
 
 @dataclass(frozen=True)
 class GcReport:
-    """What :meth:`MultiNodeCheckpointManager.gc` deleted (or, in a dry run, would delete)."""
+    """What :meth:`MultiNodeCheckpointManager.gc` deleted (or, in a dry run, would delete).
+
+    ``abandoned``: the writers gc claimed (create-only) before deleting their objects;
+    ``completed_epochs``: epochs whose writer had decided to commit but never published
+    its manifest, which gc published for it.
+    """
 
     deleted: list[str]
     aborted_uploads: list[str]
     kept_recent: int
     skipped_epochs: list[int]
     dry_run: bool
+    abandoned: list[str] = field(default_factory=list)
+    completed_epochs: list[int] = field(default_factory=list)
 
 
 async def epoch_dirs(storage: Storage) -> list[int]:
@@ -52,51 +61,114 @@ async def committed_manifests(storage: Storage, max_concurrency: int) -> list[Ep
 
 
 async def collect_garbage(storage: Storage, *, grace_period: float, dry_run: bool) -> GcReport:
-    """Delete the leftovers of interrupted or losing saves; see ``MultiNodeCheckpointManager.gc``."""
+    """Delete what interrupted, failed or losing saves left behind, by the commit protocol.
+
+    Per epoch: with a manifest, every object it does not name (through its index) goes.
+    Without one, each writer whose newest object is older than ``grace_period`` seconds
+    is first claimed with an ``abandoned`` decision (create-only, see :mod:`.commit`):
+    a claimed writer can no longer commit, so its objects go (its decision stays, so it
+    never can). A writer that had decided to commit is completed instead. In a dry run
+    nothing is written or deleted, and the report lists what would be.
+    """
     cutoff = time.time() - grace_period
     by_epoch: dict[int, list[ObjectInfo]] = {}
     async for info in storage.list(layout.EPOCHS_DIR + "/"):
         epoch = layout.epoch_of_key(info.key)
         if epoch is not None:
             by_epoch.setdefault(epoch, []).append(info)
-    garbage: list[str] = []
-    kept_recent = 0
-    skipped: list[int] = []
+    report = _Sweep(storage, cutoff, dry_run)
     for epoch, infos in sorted(by_epoch.items()):
-        keep: set[str] = set()
-        manifest_key = layout.manifest_key(epoch)
-        if any(info.key == manifest_key for info in infos):
-            try:
-                manifest = await read_manifest(storage, epoch)
-            except CheckpointNotFoundError:
-                pass  # deleted since the listing: the epoch is uncommitted now
-            except CheckpointCorruptedError as exc:
-                log.warning("gc: leaving epoch %d alone, its manifest does not parse: %s", epoch, exc)
-                skipped.append(epoch)
-                continue
-            else:
-                keep = {manifest_key} | {k for r in manifest.nodes.values() for k in (r.shard, r.receipt)}
-        for info in infos:
-            if info.key in keep:
-                continue
-            if info.last_modified is not None and info.last_modified > cutoff:
-                kept_recent += 1
-            else:
-                garbage.append(info.key)
+        await report.sweep_epoch(epoch, infos)
     stale_uploads = [
         u
         for u in await storage.list_pending_uploads(layout.EPOCHS_DIR + "/")
         if u.initiated is None or u.initiated <= cutoff
     ]
     if not dry_run:
-        if garbage:
-            await storage.delete(garbage)
+        if report.garbage:
+            await storage.delete(report.garbage)
         for upload in stale_uploads:
             await storage.abort_pending_upload(upload)
     return GcReport(
-        deleted=garbage,
+        deleted=report.garbage,
         aborted_uploads=[u.key for u in stale_uploads],
-        kept_recent=kept_recent,
-        skipped_epochs=skipped,
+        kept_recent=report.kept_recent,
+        skipped_epochs=report.skipped,
         dry_run=dry_run,
+        abandoned=report.abandoned,
+        completed_epochs=report.completed,
     )
+
+
+@dataclass
+class _Sweep:
+    storage: Storage
+    cutoff: float
+    dry_run: bool
+    garbage: list[str] = field(default_factory=list)
+    kept_recent: int = 0
+    skipped: list[int] = field(default_factory=list)
+    abandoned: list[str] = field(default_factory=list)
+    completed: list[int] = field(default_factory=list)
+
+    def _old(self, info: ObjectInfo) -> bool:
+        return info.last_modified is None or info.last_modified <= self.cutoff
+
+    async def sweep_epoch(self, epoch: int, infos: list[ObjectInfo]) -> None:
+        manifest_key = layout.manifest_key(epoch)
+        if any(info.key == manifest_key for info in infos):
+            try:
+                manifest = await read_manifest(self.storage, epoch)
+                keep = {manifest_key, manifest.index, layout.decision_key(epoch, manifest.writer_id)}
+                keep |= (await read_index(self.storage, manifest)).keys
+            except CheckpointNotFoundError:
+                pass  # deleted since the listing: the epoch is uncommitted now
+            except CheckpointCorruptedError as exc:
+                log.warning("gc: leaving epoch %d alone, its manifest or index does not parse: %s", epoch, exc)
+                self.skipped.append(epoch)
+                return
+            else:  # committed: nothing else can ever be named, whoever wrote it
+                self._collect_old([info for info in infos if info.key not in keep])
+                return
+        writers: dict[str | None, list[ObjectInfo]] = {}
+        for info in infos:
+            writers.setdefault(layout.writer_of_key(info.key), []).append(info)
+        for writer, objects in writers.items():
+            if writer is None:  # a stray key of no writer
+                self._collect_old(objects)
+            elif all(info.key == layout.decision_key(epoch, writer) for info in objects):
+                continue  # a verdict alone: it keeps its writer from ever committing
+            elif not all(self._old(info) for info in objects):
+                self.kept_recent += len(objects)  # a save may still be running
+            else:
+                await self._claim(epoch, writer, objects)
+
+    async def _claim(self, epoch: int, writer: str, objects: list[ObjectInfo]) -> None:
+        decision_key = layout.decision_key(epoch, writer)
+        others = [info for info in objects if info.key != decision_key]
+        if self.dry_run:
+            standing = await read_decision(self.storage, epoch, writer)
+            if standing is None or standing.verdict != "commit":
+                self.abandoned.append(writer)
+                self._collect(others)
+            return
+        standing = await decide(self.storage, Decision(epoch, writer, "abandoned"))
+        if standing.manifest is not None:  # it decided to commit: finish its commit
+            try:
+                await publish_manifest(self.storage, standing.manifest)
+            except CheckpointConflictError:
+                pass  # another writer's manifest stands: this one's objects are garbage
+            else:
+                self.completed.append(epoch)
+                return
+        else:
+            self.abandoned.append(writer)
+        self._collect(others)
+
+    def _collect(self, infos: Iterable[ObjectInfo]) -> None:
+        self.garbage.extend(info.key for info in infos)
+
+    def _collect_old(self, infos: list[ObjectInfo]) -> None:
+        old = [info for info in infos if self._old(info)]
+        self.kept_recent += len(infos) - len(old)
+        self._collect(old)

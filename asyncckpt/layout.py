@@ -2,14 +2,18 @@
 
 ::
 
-    <root>/epochs/<epoch:012d>/manifest.json                    the commit (create-only, last)
-    <root>/epochs/<epoch:012d>/<writer id>/<node>.shard          one node's blobs
-    <root>/epochs/<epoch:012d>/<writer id>/<node>.receipt.json   that shard's index and stats
-    <root>/epochs/<epoch:012d>/<run id>.decision                 multi-process jobs: commit or abort
+    <root>/epochs/<epoch:012d>/manifest.json            the commit record (create-only, last)
+    <root>/epochs/<epoch:012d>/<writer>.decision        the writer's verdict (create-only)
+    <root>/epochs/<epoch:012d>/<writer>/index.json      every node's record of the commit
+    <root>/epochs/<epoch:012d>/<writer>/<node>.shard    one node's blobs (one process)
+    <root>/epochs/<epoch:012d>/<writer>/<token>/<node>.shard          (several processes)
+    <root>/epochs/<epoch:012d>/<writer>/<token>/<node>.receipt.json   that node's record
 
-A writer id is ``<run id>.<attempt token>``: the run id names one job incarnation
-(shared by all of its processes), the attempt token is new for every save attempt,
-so a stale or concurrent writer can never overwrite the shards a manifest names.
+A *writer* is one attempt at committing an epoch, and everything of it lives under its
+name. A save by one process is its own writer, ``<run id>.<attempt token>``: new for
+every attempt, so a stale or concurrent writer can never overwrite what a manifest names.
+The processes of a multi-process job share one writer, ``<run id>`` (the job
+incarnation), and each keeps its shards under its own attempt token.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ __all__ = [
     "parse_receipt_key",
     "receipt_key",
     "shard_key",
+    "solo_writer_id",
+    "writer_of_key",
+    "index_key",
     "split_writer_id",
     "validate_epoch",
     "validate_node_name",
@@ -43,12 +50,14 @@ MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".shard"
 RECEIPT_SUFFIX = ".receipt.json"
 DECISION_SUFFIX = ".decision"
+INDEX_NAME = "index.json"
 EPOCH_DIGITS = 12
 MAX_EPOCH = 10**EPOCH_DIGITS - 1
 
-_NODE_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]*$")
-_RUN_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_EPOCH_DIR_RE = re.compile(rf"^\d{{{EPOCH_DIGITS}}}$")
+_NODE_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
+_RUN_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_WRITER_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}(\.[0-9a-f]{1,32})?")
+_EPOCH_DIR_RE = re.compile(rf"\d{{{EPOCH_DIGITS}}}")
 
 
 def validate_node_name(name: object) -> str:
@@ -58,7 +67,7 @@ def validate_node_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise TypeError(f"node names must be str, got {type(name).__name__} {name!r}")
-    if not name or len(name) > 200 or not _NODE_RE.match(name) or ".." in name:
+    if not name or len(name) > 200 or not _NODE_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid node name {name!r}: use 1-200 letters, digits, '.', '_' or '-' (no '/', no '..', not starting with '.')"
         )
@@ -75,7 +84,7 @@ def validate_epoch(epoch: object) -> int:
 
 
 def validate_run_id(run_id: object) -> str:
-    if not isinstance(run_id, str) or not _RUN_RE.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_RE.fullmatch(run_id):
         raise ValueError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '_' or '-'")
     return run_id
 
@@ -96,8 +105,14 @@ def attempt_token(seed: bytes, epoch: int, attempt: int) -> str:
 
 
 def split_writer_id(writer_id: str) -> tuple[str, str]:
+    """(run id, attempt token) of a writer; the token is empty for a multi-process job's writer."""
     run_id, _, token = writer_id.partition(".")
     return run_id, token
+
+
+def solo_writer_id(run_id: str, token: str) -> str:
+    """The writer of one process's save attempt."""
+    return f"{run_id}.{token}"
 
 
 def epoch_dir(epoch: int) -> str:
@@ -112,32 +127,55 @@ def epoch_of_key(key: str) -> int | None:
     return parse_epoch_dir(parts[1])
 
 
+def writer_of_key(key: str) -> str | None:
+    """The writer an object inside an epoch's directory belongs to (its decision, index,
+    shards and receipts), or ``None`` (the manifest, or a key of no writer)."""
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] != EPOCHS_DIR or parse_epoch_dir(parts[1]) is None:
+        return None
+    if len(parts) == 3:
+        name = parts[2]
+        return (
+            name[: -len(DECISION_SUFFIX)]
+            if name.endswith(DECISION_SUFFIX) and _WRITER_RE.fullmatch(name[: -len(DECISION_SUFFIX)])
+            else None
+        )
+    return parts[2] if _WRITER_RE.fullmatch(parts[2]) else None
+
+
 def parse_epoch_dir(name: str) -> int | None:
     """The epoch of a directory name below ``epochs/``, or ``None`` if it is not one."""
-    return int(name) if _EPOCH_DIR_RE.match(name) else None
+    return int(name) if _EPOCH_DIR_RE.fullmatch(name) else None
 
 
 def manifest_key(epoch: int) -> str:
     return epoch_dir(epoch) + MANIFEST_NAME
 
 
-def shard_key(epoch: int, writer_id: str, node: str) -> str:
-    return f"{epoch_dir(epoch)}{writer_id}/{node}{SHARD_SUFFIX}"
+def decision_key(epoch: int, writer_id: str) -> str:
+    """Where a writer records, create-only, its verdict on its attempt."""
+    return f"{epoch_dir(epoch)}{writer_id}{DECISION_SUFFIX}"
 
 
-def receipt_key(epoch: int, writer_id: str, node: str) -> str:
-    return f"{epoch_dir(epoch)}{writer_id}/{node}{RECEIPT_SUFFIX}"
+def index_key(epoch: int, writer_id: str) -> str:
+    return f"{epoch_dir(epoch)}{writer_id}/{INDEX_NAME}"
 
 
-def decision_key(epoch: int, run_id: str) -> str:
-    """Where the processes of one job record, create-only, whether they commit or abort."""
-    return f"{epoch_dir(epoch)}{run_id}{DECISION_SUFFIX}"
+def shard_key(epoch: int, writer_id: str, node: str, token: str | None = None) -> str:
+    """A node's shard: directly under a one-process writer, under the process's attempt
+    ``token`` in a multi-process job's writer."""
+    inner = f"{token}/" if token is not None else ""
+    return f"{epoch_dir(epoch)}{writer_id}/{inner}{node}{SHARD_SUFFIX}"
 
 
-def parse_receipt_key(key: str) -> tuple[str, str] | None:
-    """(writer id, node) of a receipt key, or ``None`` if ``key`` is not one."""
+def receipt_key(epoch: int, writer_id: str, token: str, node: str) -> str:
+    return f"{epoch_dir(epoch)}{writer_id}/{token}/{node}{RECEIPT_SUFFIX}"
+
+
+def parse_receipt_key(key: str) -> tuple[str, str, str] | None:
+    """(writer id, attempt token, node) of a receipt key, or ``None`` if ``key`` is not one."""
     parts = key.split("/")
-    if len(parts) != 4 or parts[0] != EPOCHS_DIR or not parts[3].endswith(RECEIPT_SUFFIX):
+    if len(parts) != 5 or parts[0] != EPOCHS_DIR or not parts[4].endswith(RECEIPT_SUFFIX):
         return None
-    node = parts[3][: -len(RECEIPT_SUFFIX)]
-    return (parts[2], node) if node else None
+    node = parts[4][: -len(RECEIPT_SUFFIX)]
+    return (parts[2], parts[3], node) if node and _NODE_RE.fullmatch(node) else None

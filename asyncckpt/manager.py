@@ -19,7 +19,7 @@ from typing import Any
 
 from . import layout
 from ._tasks import run_all, shielded
-from .commit import JobCommit, publish_manifest
+from .commit import JobCommit, decide, publish_manifest, refused, stage_commit
 from .config import TransferConfig
 from .errors import (
     CheckpointConflictError,
@@ -29,12 +29,12 @@ from .errors import (
 )
 from .handler import HandlerCalls, MetadataHandler
 from .housekeeping import GcReport, collect_garbage, committed_manifests, latest_committed_epoch
-from .manifest import EpochManifest, read_manifest
+from .manifest import Decision, EpochIndex, EpochManifest, NodeRecord, read_index, read_manifest
 from .node import ShardReader
 from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces
 from .stats import StatsBook
 from .storage import PATH_TYPES, ByteBudget, Storage, parse_location, storage_for
-from .transfer import discard, plan_partial_load, read_nodes, upload_nodes
+from .transfer import discard, load_partial, read_nodes, upload_nodes
 from .workspaces import Workspaces, job_workspaces, normalize_nodes
 
 __all__ = ["MultiNodeCheckpointManager"]
@@ -50,7 +50,8 @@ class _EpochState:
 
     attempts: int = 0  # save attempts started: the next one is number `attempts`
     staged: EpochManifest | None = None  # uploaded, its commit not yet written
-    known: EpochManifest | None = None  # committed: written, read or loaded here
+    decided: bool = False  # the staged manifest's commit decision already stands (multi-process)
+    known: EpochIndex | None = None  # committed: written, read or loaded here (this process's nodes at least)
     known_in: Storage | None = None  # the storage that holds `known`
     committed_here: bool = False  # this manager's commit stands
 
@@ -185,9 +186,9 @@ class MultiNodeCheckpointManager:
     def _epoch(self, epoch: int) -> _EpochState:
         return self._epochs.setdefault(epoch, _EpochState())
 
-    def _remember(self, manifest: EpochManifest, storage: Storage) -> None:
-        state = self._epoch(manifest.epoch)
-        state.known, state.known_in = manifest, storage
+    def _remember(self, index: EpochIndex, storage: Storage) -> None:
+        state = self._epoch(index.epoch)
+        state.known, state.known_in = index, storage
 
     @property
     def _reader(self) -> Storage:
@@ -261,9 +262,9 @@ class MultiNodeCheckpointManager:
             self._workspaces = local
         await self._ensure_open()
         if retrieve_from_epoch is not None:
-            manifest = await read_manifest(self._reader, retrieve_from_epoch)
-            _check_nodes_present(manifest, list(local))
-            self._remember(manifest, self._reader)
+            index = await read_index(self._reader, await read_manifest(self._reader, retrieve_from_epoch))
+            _check_nodes_present(index, list(local))
+            self._remember(index, self._reader)
 
     # ------------------------------------------------------------------ save
 
@@ -320,48 +321,83 @@ class MultiNodeCheckpointManager:
         if await self._storage.exists(layout.manifest_key(epoch)):
             raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
         state = self._epoch(epoch)
-        writer_id = self._writer_id(epoch, state.attempts)
+        token = layout.attempt_token(self._token_seed, epoch, state.attempts)
         state.attempts += 1  # every attempt gets fresh keys
         started = time.perf_counter()
-        records = await upload_nodes(
-            self._storage, self._budget, epoch, writer_id, encoded, self._config.max_nodes_in_flight
-        )
-        # From here on our receipts may be part of a commit: never delete them.
-        manifest = EpochManifest(epoch, writer_id, records, self._db_type)
-        if set(records) != set(self.nodes):
-            job = JobCommit(self._storage, self._run_id, self.nodes, self._config.commit_timeout, self._db_type)
-            committed, to_commit = await job.agree(epoch, writer_id, records, started)
-            if committed is not None:  # another process of this job committed it
-                self._remember(committed, self._storage)
-                self._stats.record("checkpoint_save", committed, time.perf_counter() - started, self._storage)
-                return
-            assert to_commit is not None
-            manifest = to_commit
-        state.staged = manifest
+        alone = len(encoded) == len(self.nodes)
+        if alone:
+            records, staged = await self._upload_alone(epoch, token, encoded)
+        else:
+            records, staged = await self._upload_in_job(epoch, token, encoded, started)
+        state.staged, state.decided = staged, not alone
         try:
             await self.write_checkpoint_metadata(epoch)
         except CheckpointConflictError:
-            # another job won: our objects are named by no manifest and never will be
-            state.staged = None
-            if len(records) == len(self.nodes):
-                await shielded(discard(self._storage, [k for r in records.values() for k in (r.shard, r.receipt)]))
+            # another writer won, or gc claimed the attempt: nothing will ever name our objects
+            if alone:  # (a job's objects are gc's: other processes may still read them)
+                keys = [*EpochIndex(epoch, staged.writer_id, records).keys, staged.index]
+                if state.decided:  # we lost the manifest: our verdict names nothing ever again
+                    keys.append(layout.decision_key(epoch, staged.writer_id))
+                await shielded(discard(self._storage, keys))
             raise
-        except BaseException:
+        finally:
             state.staged = None
-            raise
-        assert state.known is not None
-        self._stats.record("checkpoint_save", state.known, time.perf_counter() - started, self._storage)
+        index = EpochIndex(epoch, staged.writer_id, records)
+        self._remember(index, self._storage)
+        self._stats.record("checkpoint_save", index, time.perf_counter() - started, self._storage)
 
-    def _writer_id(self, epoch: int, attempt: int) -> str:
-        return f"{self._run_id}.{layout.attempt_token(self._token_seed, epoch, attempt)}"
+    async def _upload_alone(
+        self, epoch: int, token: str, encoded: Encoded
+    ) -> tuple[dict[str, NodeRecord], EpochManifest]:
+        """Every node's shard and the index of this process's own writer; returns the
+        records and the manifest to commit."""
+        writer_id = layout.solo_writer_id(self._run_id, token)
+        limit = self._config.max_nodes_in_flight
+        records = await upload_nodes(self._storage, self._budget, epoch, writer_id, encoded, limit)
+        index = EpochIndex(epoch, writer_id, records)
+        try:
+            return records, await stage_commit(self._storage, index, self._db_type)
+        except BaseException:
+            await shielded(discard(self._storage, [*index.keys, layout.index_key(epoch, writer_id)]))
+            raise
+
+    async def _upload_in_job(
+        self, epoch: int, token: str, encoded: Encoded, started: float
+    ) -> tuple[dict[str, NodeRecord], EpochManifest]:
+        """This process's shards and receipts under the job's writer; returns the records
+        and the manifest the job decided to commit (:class:`JobCommit`)."""
+        timeout = self._config.commit_timeout
+        job = JobCommit(self._storage, epoch, self._run_id, token, self.nodes, started + timeout, timeout)
+
+        async def give_up(written: list[str]) -> None:
+            await self._give_up(job, written, list(encoded))
+
+        limit = self._config.max_nodes_in_flight
+        records = await upload_nodes(
+            self._storage, self._budget, epoch, job.writer_id, encoded, limit, token=token, cleanup=give_up
+        )
+        # From here on our receipts may be part of a commit: never delete them.
+        return records, await job.agree(records, self._db_type)
+
+    async def _give_up(self, job: JobCommit, written: list[str], nodes: list[str]) -> None:
+        """A process of a multi-process job failed to upload: the job aborts the epoch
+        (the other processes stop waiting), then this process removes its objects."""
+        try:
+            standing = await job.give_up(f"node(s) {nodes} failed to save in their process", nodes)
+        except CheckpointError as exc:
+            log.warning("could not record the abort of epoch %d: %s", job.epoch, exc)
+            return  # gc decides later; deleting now could pull objects out of a commit
+        if standing.verdict != "commit":
+            await discard(self._storage, written)
 
     async def write_checkpoint_metadata(self, epoch: int) -> None:
-        """Commit ``epoch``: write its manifest create-only, then tell the metadata handler.
+        """Commit ``epoch``: decide and publish its manifest (both create-only), then tell
+        the metadata handler.
 
         :meth:`save` calls this itself; calling it again for an epoch this manager
-        committed is a no-op. A manifest written by another writer first raises
-        :class:`CheckpointConflictError`; our own retried write is recognised by its
-        writer id and is success.
+        committed is a no-op. A manifest of another writer first raises
+        :class:`CheckpointConflictError`, and so does an attempt that gc claimed as
+        abandoned; our own retried write is recognised by its writer id and is success.
         """
         layout.validate_epoch(epoch)
         state = self._epochs.get(epoch) or _EpochState()
@@ -371,13 +407,14 @@ class MultiNodeCheckpointManager:
         if manifest is None:
             raise CheckpointStateError(f"no saved shards of epoch {epoch} to commit; call save({epoch})")
         await self._ensure_open()
-        standing = await publish_manifest(self._storage, manifest)
-        state.staged = None
+        if not state.decided:
+            standing = await decide(self._storage, Decision(epoch, manifest.writer_id, "commit", manifest))
+            if standing.manifest is None:
+                raise refused(standing)
+            state.decided = True
+        await publish_manifest(self._storage, manifest)
         state.committed_here = True
-        self._remember(standing, self._storage)
-        if standing.writer_id != manifest.writer_id:
-            return  # another process of this job committed: it tells the metadata handler
-        if self._handler is not None:
+        if self._handler is not None and self.nodes[0] in self.local_nodes:  # a job's committer tells it
             await self._handler.committed(epoch)
 
     # ------------------------------------------------------------------ load
@@ -396,11 +433,11 @@ class MultiNodeCheckpointManager:
         await self._ensure_open()
         started = time.perf_counter()
         storage = self._reader
-        manifest = await read_manifest(storage, epoch)
-        _check_nodes_present(manifest, list(workspaces))
+        index = await read_index(storage, await read_manifest(storage, epoch))
+        _check_nodes_present(index, list(workspaces))
 
         async def read_node(node: str) -> tuple[dict[str, Any], int]:
-            record = manifest.nodes[node]
+            record = index.nodes[node]
             return await ShardReader(storage, node, record, self._config).read_all(), record.size
 
         values, node_stats = await read_nodes(
@@ -408,8 +445,8 @@ class MultiNodeCheckpointManager:
         )
         for node, blobs in values.items():
             workspaces[node].update(blobs)
-        self._remember(manifest, storage)
-        self._stats.record("checkpoint_load", manifest, time.perf_counter() - started, storage, node_stats)
+        self._remember(index, storage)
+        self._stats.record("checkpoint_load", index, time.perf_counter() - started, storage, node_stats)
 
     async def load_blobs_locally(
         self, nodes: Any, blob_names: Sequence[str], epoch: int, session: MutableMapping[str, Any]
@@ -419,8 +456,9 @@ class MultiNodeCheckpointManager:
         A name is a blob name of one of ``nodes`` (``"total"``), or ``"node/blob"`` to pick
         the node. Names found in no listed shard are skipped; a plain name held by
         several listed nodes is a :class:`ValueError`. Only the requested blobs' bytes
-        are fetched. Returns ``False``, leaving ``session`` untouched, when the epoch or
-        a listed node's shard does not exist.
+        are fetched (blobs close together share one ranged GET). Returns ``False``,
+        leaving ``session`` untouched, when the epoch or a listed node's shard does not
+        exist.
         """
         node_names = list(normalize_nodes(nodes))
         if isinstance(blob_names, (str, bytes)) or not isinstance(blob_names, Iterable):
@@ -437,31 +475,17 @@ class MultiNodeCheckpointManager:
         storage = self._storage
         self._stats.started("checkpoint_partial_load", epoch)
         try:
-            manifest = await read_manifest(storage, epoch)
+            index = await read_index(storage, await read_manifest(storage, epoch))
         except CheckpointNotFoundError:
             return False
-        if any(node not in manifest.nodes for node in node_names):
+        if any(node not in index.nodes for node in node_names):
             return False
-        readers = {node: ShardReader(storage, node, manifest.nodes[node], self._config) for node in node_names}
-        shards = await run_all(storage.head(manifest.nodes[node].shard) for node in node_names)
-        if any(info is None for info in shards):
+        loaded = await load_partial(storage, self._config, index, node_names, names)
+        if loaded is None:
             return False  # a listed node's shard is gone: nothing is loaded
-        for node, info in zip(node_names, shards):
-            assert info is not None
-            readers[node].check_size(info.size)
-        plan = plan_partial_load(manifest, node_names, names)
-
-        async def read_node(node: str) -> tuple[dict[str, Any], int]:
-            blobs = manifest.nodes[node].blobs
-            return await readers[node].read_some(plan[node]), sum(blobs[b].length for b in plan[node])
-
-        values, node_stats = await read_nodes(
-            f"partial load of epoch {epoch}", plan, read_node, self._config.max_nodes_in_flight
-        )
-        for node, blobs in values.items():
-            for blob, value in blobs.items():
-                session[plan[node][blob]] = value
-        self._stats.record("checkpoint_partial_load", manifest, time.perf_counter() - started, storage, node_stats)
+        values, node_stats = loaded
+        session.update(values)
+        self._stats.record("checkpoint_partial_load", index, time.perf_counter() - started, storage, node_stats)
         return True
 
     # ------------------------------------------------------------------ queries
@@ -478,7 +502,10 @@ class MultiNodeCheckpointManager:
             return state.known_in.url_of(state.known.nodes[node_name].shard)
         if node_name not in (self._workspaces or {}):
             return None  # unknown, or another process's node (known once the epoch is committed)
-        return self._storage.url_of(layout.shard_key(epoch, self._writer_id(epoch, state.attempts), node_name))
+        token = layout.attempt_token(self._token_seed, epoch, state.attempts)
+        if len(self.local_nodes) < len(self.nodes):  # a process of a multi-process job
+            return self._storage.url_of(layout.shard_key(epoch, self._run_id, node_name, token))
+        return self._storage.url_of(layout.shard_key(epoch, layout.solo_writer_id(self._run_id, token), node_name))
 
     async def get_resume_from_epoch_id(self, user_epoch: int | None = None) -> int | None:
         """The epoch to resume from.
@@ -518,9 +545,10 @@ class MultiNodeCheckpointManager:
                 await self._storage.check_root()
             else:
                 storage = self._reader
-                manifest = await read_manifest(storage, epoch)
-                infos = await run_all(storage.head(r.shard) for r in manifest.nodes.values())
-                if any(info is None or info.size != r.size for info, r in zip(infos, manifest.nodes.values())):
+                index = await read_index(storage, await read_manifest(storage, epoch))
+                records = list(index.nodes.values())
+                infos = await run_all((storage.head(r.shard) for r in records), self._config.max_concurrency)
+                if any(info is None or info.size != r.size for info, r in zip(infos, records)):
                     return False
             if self._handler is not None:
                 return await self._handler.cp_accessible(epoch)
@@ -581,9 +609,9 @@ class MultiNodeCheckpointManager:
         return f"MultiNodeCheckpointManager({self._db_prefix!r}, nodes={self._node_names}, run_id={self._run_id!r})"
 
 
-def _check_nodes_present(manifest: EpochManifest, nodes: Sequence[str]) -> None:
-    missing = [n for n in nodes if n not in manifest.nodes]
+def _check_nodes_present(index: EpochIndex, nodes: Sequence[str]) -> None:
+    missing = [n for n in nodes if n not in index.nodes]
     if missing:
         raise CheckpointNotFoundError(
-            f"epoch {manifest.epoch} has no shard for node(s) {missing} (it holds {sorted(manifest.nodes)})"
+            f"epoch {index.epoch} has no shard for node(s) {missing} (it holds {sorted(index.nodes)})"
         )

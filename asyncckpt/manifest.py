@@ -1,9 +1,20 @@
-"""Epoch manifests and node receipts: versioned, human-readable JSON.
+"""The records of the bucket format: versioned, human-readable JSON.
 
-An epoch exists if and only if its manifest exists and parses. The manifest names,
-for every node, the exact shard object, its size and CRC32C, the blob index (offset,
-length, encoding, dtype/shape, CRC32C of every blob) and the node's save stats.
-A receipt is one node's part of that, written next to its shard before the commit.
+Four records, from the smallest up (format version 2; see DESIGN.md):
+
+* :class:`EpochManifest` (``epochs/<epoch>/manifest.json``): the commit record. An epoch
+  exists if and only if it exists and parses. Its size does not grow with the number of
+  nodes or blobs: it names the epoch's index and keeps totals (and the user's metrics).
+* :class:`EpochIndex` (``epochs/<epoch>/<writer>/index.json``): one :class:`NodeRecord`
+  per node (shard key, size, CRC32C, stats). It is read only by loads and checks. The
+  blob index of a node lives in its shard's own trailer (:mod:`.codec`).
+* :class:`NodeRecord` receipts (``<writer>/<node>.receipt.json``): one node's record,
+  written by a process of a multi-process job for the one that commits.
+* :class:`Decision` (``epochs/<epoch>/<writer>.decision``): a writer's create-only verdict
+  on its attempt: ``commit`` (carrying the manifest to publish), ``abort`` (the job gave
+  up at its deadline) or ``abandoned`` (gc claimed the attempt to delete it).
+
+Format 1 manifests (the whole index inline) are still read.
 """
 
 from __future__ import annotations
@@ -17,19 +28,31 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .codec import BlobEntry
+from . import codec
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .layout import epoch_dir, manifest_key, split_writer_id, validate_epoch, validate_node_name
-from .storage import Storage
-from .storage._base import validate_key
+from .storage import Storage, validate_key
 
-__all__ = ["MANIFEST_VERSION", "EpochManifest", "NodeRecord", "NodeStats", "manifest_or_none", "read_manifest"]
+__all__ = [
+    "MANIFEST_VERSION",
+    "Decision",
+    "EpochIndex",
+    "EpochManifest",
+    "NodeRecord",
+    "NodeStats",
+    "manifest_or_none",
+    "read_index",
+    "read_manifest",
+]
 
 log = logging.getLogger("asyncckpt")
 
 MANIFEST_FORMAT = "asyncckpt/manifest"
+INDEX_FORMAT = "asyncckpt/index"
 RECEIPT_FORMAT = "asyncckpt/receipt"
-MANIFEST_VERSION = 1
+DECISION_FORMAT = "asyncckpt/decision"
+MANIFEST_VERSION = 2
+VERDICTS = ("commit", "abort", "abandoned")
 
 
 @dataclass(frozen=True)
@@ -73,21 +96,25 @@ class NodeRecord:
 
     node: str
     shard: str
-    receipt: str
     size: int
     crc32c: int
-    blobs: Mapping[str, BlobEntry]
     stats: NodeStats = field(default_factory=NodeStats)
+    receipt: str | None = None  # the node's receipt object, when its save wrote one
+    index_crc32c: int | None = None  # CRC32C of the shard's blob index (format 1: not recorded)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The objects of this node that a committed epoch keeps."""
+        return (self.shard,) if self.receipt is None else (self.shard, self.receipt)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "shard": self.shard,
-            "receipt": self.receipt,
-            "size": self.size,
-            "crc32c": self.crc32c,
-            "blobs": {name: entry.to_json() for name, entry in self.blobs.items()},
-            "stats": self.stats.to_json(),
-        }
+        out: dict[str, Any] = {"shard": self.shard, "size": self.size, "crc32c": self.crc32c}
+        if self.index_crc32c is not None:
+            out["index_crc32c"] = self.index_crc32c
+        if self.receipt is not None:
+            out["receipt"] = self.receipt
+        out["stats"] = self.stats.to_json()
+        return out
 
     @classmethod
     def from_json(cls, node: str, raw: Any, where: str) -> NodeRecord:
@@ -95,36 +122,21 @@ class NodeRecord:
             validate_node_name(node)
             if not isinstance(raw, Mapping):
                 raise ValueError("node record is not an object")
-            shard, receipt, size, crc = raw["shard"], raw["receipt"], raw["size"], raw["crc32c"]
-            if not isinstance(shard, str) or not isinstance(receipt, str):
+            shard, size, crc, receipt = raw["shard"], raw["size"], raw["crc32c"], raw.get("receipt")
+            index_crc = raw.get("index_crc32c")
+            if not isinstance(shard, str) or not (receipt is None or isinstance(receipt, str)):
                 raise ValueError("shard and receipt must be keys")
-            for value in (size, crc):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError("size and crc32c must be non-negative ints")
-            blobs_raw = raw["blobs"]
-            if not isinstance(blobs_raw, Mapping):
-                raise ValueError("blobs must be an object")
+            _check_unsigned(size, crc, *([] if index_crc is None else [index_crc]))
+            if crc >= 1 << 32 or (index_crc or 0) >= 1 << 32:
+                raise ValueError("crc32c out of range")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorruptedError(f"{where}: invalid record of node {node!r}: {exc}") from None
-        blobs = {
-            str(name): BlobEntry.from_json(entry, f"{where} node {node!r} blob {name!r}")
-            for name, entry in blobs_raw.items()
-        }
-        for name, entry in blobs.items():
-            if entry.offset + entry.length > size:
-                raise CheckpointCorruptedError(f"{where}: node {node!r} blob {name!r} lies outside its shard")
-        return cls(node, shard, receipt, size, crc, blobs, NodeStats.from_json(raw.get("stats")))
+        return cls(node, shard, size, crc, NodeStats.from_json(raw.get("stats")), receipt, index_crc)
 
     def receipt_json(self, epoch: int, writer_id: str) -> bytes:
-        body = {
-            "format": RECEIPT_FORMAT,
-            "version": MANIFEST_VERSION,
-            "epoch": epoch,
-            "writer_id": writer_id,
-            "node": self.node,
-        }
-        body.update(self.to_json())
-        return json.dumps(body, indent=1, sort_keys=True).encode()
+        body = {"format": RECEIPT_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch, "writer_id": writer_id}
+        body.update(node=self.node, **self.to_json())
+        return json.dumps(body, indent=1).encode()
 
     @classmethod
     def from_receipt(cls, data: bytes, where: str) -> tuple[int, str, NodeRecord]:
@@ -139,22 +151,91 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
-class EpochManifest:
-    """The commit record of one epoch."""
+class EpochIndex:
+    """Every node's record of one epoch's commit."""
 
     epoch: int
     writer_id: str
     nodes: Mapping[str, NodeRecord]
+
+    @property
+    def keys(self) -> set[str]:
+        """Every object the nodes' records name."""
+        return {key for record in self.nodes.values() for key in record.keys}
+
+    @property
+    def total_bytes(self) -> int:
+        """The size of every node's shard, added up."""
+        return sum(record.size for record in self.nodes.values())
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": INDEX_FORMAT,
+            "version": MANIFEST_VERSION,
+            "epoch": self.epoch,
+            "writer_id": self.writer_id,
+            "nodes": {name: record.to_json() for name, record in sorted(self.nodes.items())},
+        }
+        return json.dumps(body, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str, *, epoch: int, writer_id: str) -> EpochIndex:
+        """Parse an index that must belong to ``writer_id``'s commit of ``epoch``."""
+        raw = _load_json(data, where)
+        if raw.get("format") != INDEX_FORMAT or raw.get("version") != MANIFEST_VERSION:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt index of version {MANIFEST_VERSION}")
+        if _epoch_of(raw, where) != epoch or raw.get("writer_id") != writer_id:
+            raise CheckpointCorruptedError(f"{where}: index of another commit (not {writer_id!r} of epoch {epoch})")
+        return cls(epoch, writer_id, _node_records(raw.get("nodes"), epoch, where))
+
+
+@dataclass(frozen=True)
+class EpochManifest:
+    """The commit record of one epoch, small whatever the number of nodes and blobs.
+
+    ``index`` is the key of the epoch's :class:`EpochIndex` (``index_size`` bytes with
+    CRC32C ``index_crc32c``); ``node_count`` and ``total_bytes`` (the shards' sizes) are
+    totals over its nodes;
+    ``metrics`` are the user's numbers for the epoch.
+    """
+
+    epoch: int
+    writer_id: str
+    index: str
+    index_size: int
+    index_crc32c: int
+    node_count: int
+    total_bytes: int
     db_type: str = "msgpack"
     created_unix: float = field(default_factory=time.time)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+    inline_index: EpochIndex | None = field(default=None, repr=False, compare=False)  # format 1
 
     @property
     def run_id(self) -> str:
         return split_writer_id(self.writer_id)[0]
 
-    def to_json(self) -> bytes:
+    @classmethod
+    def for_index(
+        cls, index: EpochIndex, key: str, data: bytes, db_type: str, metrics: Mapping[str, float] | None = None
+    ) -> EpochManifest:
+        """The manifest that commits ``index``, stored under ``key`` as ``data``."""
+        return cls(
+            index.epoch,
+            index.writer_id,
+            key,
+            len(data),
+            codec.checksum(data),
+            len(index.nodes),
+            index.total_bytes,
+            db_type,
+            metrics=dict(metrics or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
         created = datetime.fromtimestamp(self.created_unix, tz=UTC).isoformat(timespec="milliseconds")
-        body = {
+        return {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "epoch": self.epoch,
@@ -162,9 +243,14 @@ class EpochManifest:
             "db_type": self.db_type,
             "created": created,
             "created_unix": self.created_unix,
-            "nodes": {name: record.to_json() for name, record in sorted(self.nodes.items())},
+            "nodes": self.node_count,
+            "bytes": self.total_bytes,
+            "index": {"key": self.index, "size": self.index_size, "crc32c": self.index_crc32c},
+            "metrics": dict(self.metrics),
         }
-        return json.dumps(body, indent=1, sort_keys=False).encode()
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str, *, epoch: int | None = None) -> EpochManifest:
@@ -173,36 +259,90 @@ class EpochManifest:
         Every key it names must be a valid key inside its own epoch's directory; with
         ``epoch``, the manifest must be that epoch's.
         """
-        raw = _load_json(data, where)
+        return cls.from_dict(_load_json(data, where), where, epoch=epoch)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str, *, epoch: int | None = None) -> EpochManifest:
         if raw.get("format") != MANIFEST_FORMAT:
             raise CheckpointCorruptedError(f"{where}: not an asyncckpt manifest")
-        if raw.get("version") != MANIFEST_VERSION:
-            raise CheckpointCorruptedError(f"{where}: unsupported manifest version {raw.get('version')!r}")
-        found_epoch = _epoch_of(raw, where)
-        if epoch is not None and found_epoch != epoch:
-            raise CheckpointCorruptedError(f"{where}: manifest says epoch {found_epoch}")
+        version = raw.get("version")
+        if version not in (1, MANIFEST_VERSION):
+            raise CheckpointCorruptedError(f"{where}: unsupported manifest version {version!r}")
+        found = _epoch_of(raw, where)
+        if epoch is not None and found != epoch:
+            raise CheckpointCorruptedError(f"{where}: manifest says epoch {found}")
         writer_id, db_type, created = raw.get("writer_id"), raw.get("db_type"), raw.get("created_unix")
-        nodes_raw = raw.get("nodes")
-        if (
-            not isinstance(writer_id, str)
-            or not isinstance(db_type, str)
-            or not isinstance(nodes_raw, Mapping)
-            or not nodes_raw
-        ):
-            raise CheckpointCorruptedError(f"{where}: manifest lacks writer_id, db_type or nodes")
+        if not isinstance(writer_id, str) or not isinstance(db_type, str):
+            raise CheckpointCorruptedError(f"{where}: manifest lacks writer_id or db_type")
         if not isinstance(created, (int, float)) or isinstance(created, bool) or not _finite(created):
             raise CheckpointCorruptedError(f"{where}: manifest lacks a valid created_unix")
-        nodes = {str(node): NodeRecord.from_json(str(node), record, where) for node, record in nodes_raw.items()}
-        inside = epoch_dir(found_epoch)
-        for node, record in nodes.items():
-            for key in (record.shard, record.receipt):
-                try:
-                    validate_key(key)
-                except ValueError:
-                    raise CheckpointCorruptedError(f"{where}: node {node!r} names an invalid key {key!r}") from None
-                if not key.startswith(inside):
-                    raise CheckpointCorruptedError(f"{where}: node {node!r} names {key!r}, outside epoch {found_epoch}")
-        return cls(found_epoch, writer_id, nodes, db_type, float(created))
+        metrics = _metrics(raw.get("metrics", {}), where)
+        if version == 1:  # the index inline, with a blob index per node (the shards repeat it)
+            index = EpochIndex(found, writer_id, _node_records(raw.get("nodes"), found, where))
+            return cls(
+                found, writer_id, "", 0, 0, len(index.nodes), index.total_bytes, db_type, float(created), metrics, 1, index
+            )
+        try:
+            pointer = raw["index"]
+            key, size, crc, count, total = (
+                pointer["key"],
+                pointer["size"],
+                pointer["crc32c"],
+                raw["nodes"],
+                raw["bytes"],
+            )
+            _check_unsigned(size, crc, count, total)
+            _check_key(key, found, where)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointCorruptedError(f"{where}: manifest lacks a valid index: {exc}") from None
+        return cls(found, writer_id, key, size, crc, count, total, db_type, float(created), metrics)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A writer's create-only verdict on its attempt at an epoch (see :mod:`.commit`)."""
+
+    epoch: int
+    writer_id: str
+    verdict: str  # one of VERDICTS
+    manifest: EpochManifest | None = None  # the manifest a "commit" publishes
+    reason: str = ""  # why an "abort"
+    missing: tuple[str, ...] = ()  # the nodes an "abort" gave up waiting for
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {
+            "format": DECISION_FORMAT,
+            "version": MANIFEST_VERSION,
+            "epoch": self.epoch,
+            "writer_id": self.writer_id,
+            "verdict": self.verdict,
+        }
+        if self.manifest is not None:
+            body["manifest"] = self.manifest.to_dict()
+        if self.verdict == "abort":
+            body.update(reason=self.reason, missing=list(self.missing))
+        return json.dumps(body, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str, *, epoch: int, writer_id: str) -> Decision:
+        raw = _load_json(data, where)
+        if raw.get("format") != DECISION_FORMAT or raw.get("version") != MANIFEST_VERSION:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt decision of version {MANIFEST_VERSION}")
+        verdict = raw.get("verdict")
+        if _epoch_of(raw, where) != epoch or raw.get("writer_id") != writer_id or verdict not in VERDICTS:
+            raise CheckpointCorruptedError(f"{where}: not a decision of {writer_id!r} on epoch {epoch}")
+        manifest = None
+        if verdict == "commit":
+            body = raw.get("manifest")
+            if not isinstance(body, Mapping):
+                raise CheckpointCorruptedError(f"{where}: a commit decision without its manifest")
+            manifest = EpochManifest.from_dict(body, where, epoch=epoch)
+            if manifest.writer_id != writer_id:
+                raise CheckpointCorruptedError(f"{where}: decides to commit another writer's manifest")
+        reason, missing = raw.get("reason", ""), raw.get("missing", [])
+        if not isinstance(reason, str) or not isinstance(missing, list) or not all(isinstance(n, str) for n in missing):
+            raise CheckpointCorruptedError(f"{where}: malformed reason or missing nodes")
+        return cls(epoch, writer_id, verdict, manifest, reason, tuple(missing))
 
 
 async def read_manifest(storage: Storage, epoch: int) -> EpochManifest:
@@ -219,6 +359,24 @@ async def read_manifest(storage: Storage, epoch: int) -> EpochManifest:
     return EpochManifest.from_json(data, storage.url_of(key), epoch=epoch)
 
 
+async def read_index(storage: Storage, manifest: EpochManifest) -> EpochIndex:
+    """The node records of a committed epoch, checked against its manifest (size and
+    CRC32C of the index object)."""
+    if manifest.inline_index is not None:
+        return manifest.inline_index
+    where = storage.url_of(manifest.index)
+    try:
+        data = await storage.get(manifest.index)
+    except CheckpointNotFoundError:
+        raise CheckpointCorruptedError(f"{where}: the index of committed epoch {manifest.epoch} is missing") from None
+    if len(data) != manifest.index_size or codec.checksum(data) != manifest.index_crc32c:
+        raise CheckpointCorruptedError(f"{where}: index does not match its manifest (size or CRC32C)")
+    index = EpochIndex.from_json(data, where, epoch=manifest.epoch, writer_id=manifest.writer_id)
+    if len(index.nodes) != manifest.node_count:
+        raise CheckpointCorruptedError(f"{where}: index holds {len(index.nodes)} nodes, manifest {manifest.node_count}")
+    return index
+
+
 async def manifest_or_none(storage: Storage, epoch: int) -> EpochManifest | None:
     """The epoch's manifest; ``None`` if it has none (an interrupted save) or if it does
     not parse (logged as a warning)."""
@@ -229,6 +387,43 @@ async def manifest_or_none(storage: Storage, epoch: int) -> EpochManifest | None
     except CheckpointCorruptedError as exc:
         log.warning("skipping epoch %d: %s", epoch, exc)
         return None
+
+
+def _node_records(raw: Any, epoch: int, where: str) -> dict[str, NodeRecord]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise CheckpointCorruptedError(f"{where}: no node records")
+    nodes = {str(node): NodeRecord.from_json(str(node), record, where) for node, record in raw.items()}
+    for node, record in nodes.items():
+        for key in record.keys:
+            _check_key(key, epoch, f"{where}: node {node!r}")
+    return nodes
+
+
+def _check_key(key: object, epoch: int, where: str) -> None:
+    """A key named by a record: valid, and inside its epoch's directory."""
+    try:
+        if not isinstance(key, str):
+            raise ValueError
+        validate_key(key)
+    except ValueError:
+        raise CheckpointCorruptedError(f"{where} names an invalid key {key!r}") from None
+    if not key.startswith(epoch_dir(epoch)):
+        raise CheckpointCorruptedError(f"{where} names {key!r}, outside epoch {epoch}")
+
+
+def _check_unsigned(*values: object) -> None:
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"expected a non-negative int, got {value!r}")
+
+
+def _metrics(raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
+        for k, v in raw.items()
+    ):
+        raise CheckpointCorruptedError(f"{where}: metrics must map names to finite numbers")
+    return {k: float(v) for k, v in raw.items()}
 
 
 def _finite(value: float) -> bool:

@@ -1,15 +1,18 @@
 """One node's shard: write it (``ShardWriter``) and read it back (``ShardReader``).
 
 Only this module turns blobs into a stream of shard bytes and back; it knows one node
-and one storage, nothing about other nodes or commits. CPU-heavy work (msgpack encoding,
-CRC32C of large arrays, decoding) runs in worker threads, never on the event loop.
+and one storage, nothing about other nodes or commits. A shard carries its own blob
+index in its trailer; the node's record (shard key, size, CRC32C of the whole shard)
+vouches for all of it. CPU-heavy work (CRC32C of large arrays, decoding) runs in worker
+threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,26 +22,28 @@ from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
 from .manifest import NodeRecord, NodeStats
-from .storage._base import ByteBudget, Storage, collect_request_stats
+from .storage import ByteBudget, Storage, collect_request_stats
 
 __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
+_TAIL_GUESS = 64 << 10  # bytes read from a shard's end to find its blob index
 
 
 @dataclass
 class ShardWriter:
     """Writes one node's encoded blobs (:func:`asyncckpt.codec.encode_blobs`) as one
-    shard object, then its receipt."""
+    shard object, then, for multi-process saves, its receipt."""
 
     storage: Storage
     node: str
     budget: ByteBudget
 
     async def write(
-        self, shard_key: str, receipt_key: str, encoded: list[EncodedBlob], *, epoch: int, writer_id: str
+        self, shard_key: str, encoded: list[EncodedBlob], *, receipt: tuple[str, int, str] | None = None
     ) -> NodeRecord:
-        """Upload the shard and its receipt; returns the node's record for the manifest."""
+        """Upload the shard; returns the node's record. With ``receipt`` = (key, epoch,
+        writer id) the record is also written there, after the shard."""
         started = time.perf_counter()
         with collect_request_stats() as stats:
             index: dict[str, BlobEntry] = {}
@@ -67,10 +72,14 @@ class ShardWriter:
                 info = await out.commit()
             size = offset + len(trailer)
             assert info.size == size, (info.size, size)
-            # the stats count the receipt's own PUT, which follows
-            node_stats = NodeStats(time.perf_counter() - started, size, 2, stats.requests + 1, stats.retries)
-            record = NodeRecord(self.node, shard_key, receipt_key, size, shard_crc, index, node_stats)
-            await self.storage.put(receipt_key, record.receipt_json(epoch, writer_id))
+            objects, requests = (1, stats.requests) if receipt is None else (2, stats.requests + 1)
+            node_stats = NodeStats(time.perf_counter() - started, size, objects, requests, stats.retries)
+            index_crc = codec.checksum(memoryview(trailer)[: len(trailer) - codec.TRAILER_SIZE])
+            receipt_key = receipt[0] if receipt else None
+            record = NodeRecord(self.node, shard_key, size, shard_crc, node_stats, receipt_key, index_crc)
+            if receipt is not None:
+                key, epoch, writer_id = receipt
+                await self.storage.put(key, record.receipt_json(epoch, writer_id))
         return record
 
 
@@ -85,6 +94,14 @@ def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list
     return merged
 
 
+def split_range(start: int, end: int, step: int) -> list[tuple[int, int]]:
+    """``[start, end)`` in pieces of at most ``step`` bytes, all about the same size (no
+    tiny last piece)."""
+    count = max(1, -(-(end - start) // step))
+    size = -(-(end - start) // count)
+    return [(lo, min(lo + size, end)) for lo in range(start, end, size)] or [(start, end)]
+
+
 @dataclass
 class ShardReader:
     """Fetches and verifies one node's shard (or some of its blobs) and decodes it."""
@@ -94,8 +111,8 @@ class ShardReader:
     record: NodeRecord
     config: TransferConfig
 
-    def _where(self, key: str | None = None) -> str:
-        return f"node {self.node!r}, object {self.storage.url_of(key or self.record.shard)}"
+    def _where(self) -> str:
+        return f"node {self.node!r}, object {self.storage.url_of(self.record.shard)}"
 
     async def _fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
@@ -104,12 +121,11 @@ class ShardReader:
         # numpy asks for transparent huge pages on large arrays, and where the kernel
         # compacts memory to find them (THP defrag "madvise"), first touch is far slower.
         buffer = memoryview(bytearray(end - start))
-        step = self.config.range_size
         key = self.record.shard
         try:
             await run_all(
-                self.storage.read_into(key, buffer[offset : offset + step], start + offset)
-                for offset in range(0, end - start, step)
+                self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+                for lo, hi in split_range(start, end, self.config.range_size)
             )
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
@@ -119,74 +135,86 @@ class ShardReader:
             ) from None
         return buffer
 
-    def check_size(self, size: int) -> None:
-        """The shard object's size (from a HEAD) is the recorded one."""
-        if size != self.record.size:
+    async def check_size(self) -> None:
+        """The shard object exists with its recorded size (a HEAD): checked before any
+        buffer of the recorded size is allocated."""
+        info = await self.storage.head(self.record.shard)
+        if info is None:
+            raise CheckpointNotFoundError(f"{self._where()}: shard object is missing")
+        if info.size != self.record.size:
             raise CheckpointCorruptedError(
-                f"{self._where()}: shard is {size} bytes, the manifest says {self.record.size} (truncated or replaced)"
+                f"{self._where()}: shard is {info.size} bytes, the manifest says {self.record.size} "
+                "(truncated or replaced)"
             )
 
     async def read_all(self) -> dict[str, Any]:
-        """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index).
-
-        No HEAD first: a shorter object fails the read, a longer or replaced one fails
-        the trailer and checksum checks.
-        """
+        """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
+        await self.check_size()
         data = await self._fetch(0, self.record.size)
         return await asyncio.to_thread(self.decode, data)
 
     def decode(self, data: memoryview) -> dict[str, Any]:
-        """Verify a whole shard's bytes against the record (header, trailer, index, the
-        CRC32C of every blob and of the shard) and decode every blob. CPU work: the
-        arrays are views into ``data``. Damage is :class:`CheckpointCorruptedError`."""
+        """Verify a whole shard's bytes (header, trailer, index, the CRC32C of every blob
+        and of the shard against the record) and decode every blob. CPU work: the arrays
+        are views into ``data``. Damage is :class:`CheckpointCorruptedError`."""
         where = self._where()
+        if data.nbytes != self.record.size:
+            raise CheckpointCorruptedError(f"{where}: shard is {data.nbytes} bytes, the record says {self.record.size}")
         header = codec.parse_header(data, where)
         if header.get("node") != self.node:
             raise CheckpointCorruptedError(f"{where}: shard belongs to node {header.get('node')!r}")
-        index_offset, index_length, index_crc = codec.parse_trailer(
-            data[data.nbytes - codec.TRAILER_SIZE :], data.nbytes, where
-        )
-        index = codec.parse_index(data[index_offset : index_offset + index_length], index_crc, where)
-        if index != dict(self.record.blobs):
-            differing = sorted(
-                n for n in set(index) | set(self.record.blobs) if index.get(n) != self.record.blobs.get(n)
-            )
-            shown = ", ".join(repr(n) for n in differing[:5]) + (" ..." if len(differing) > 5 else "")
-            raise CheckpointCorruptedError(f"{where}: shard index does not match the manifest for blob(s) {shown}")
-        crcs = {name: codec.checksum(data[e.offset : e.offset + e.length]) for name, e in self.record.blobs.items()}
-        for name, entry in self.record.blobs.items():
+        index = self._parse_index(data[data.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: data[lo:hi])
+        crcs = {name: codec.checksum(data[e.offset : e.offset + e.length]) for name, e in index.items()}
+        for name, entry in index.items():
             if crcs[name] != entry.crc32c:
                 raise CheckpointCorruptedError(f"{where}, blob {name!r}: CRC32C mismatch (stored bytes are corrupted)")
-        if _shard_checksum(data, self.record.blobs, crcs) != self.record.crc32c:
+        if _shard_checksum(data, index, crcs) != self.record.crc32c:
             raise CheckpointCorruptedError(f"{where}: shard CRC32C mismatch (stored bytes are corrupted)")
         return {
             name: codec.decode_blob(
                 entry, data[entry.offset : entry.offset + entry.length], f"{where}, blob {name!r}", verify=False
             )
-            for name, entry in self.record.blobs.items()
+            for name, entry in index.items()
         }
 
-    async def read_some(self, names: Iterable[str]) -> dict[str, Any]:
-        """Only the named blobs (each must be in the record), fetched with ranged GETs of
-        just their bytes (adjacent blobs share one request). The caller checks that the
-        shard exists with its recorded size (:meth:`check_size` on a HEAD)."""
-        wanted = {name: self.record.blobs[name] for name in names}
+    def _parse_index(self, trailer: memoryview, body_at: Callable[[int, int], memoryview]) -> dict[str, BlobEntry]:
+        where = self._where()
+        offset, length, crc = codec.parse_trailer(trailer, self.record.size, where)
+        if self.record.index_crc32c is not None and crc != self.record.index_crc32c:
+            raise CheckpointCorruptedError(f"{where}: blob index differs from the record's (a shard of another node?)")
+        index = codec.parse_index(body_at(offset, offset + length), crc, where)
+        for name, entry in index.items():
+            if entry.offset + entry.length > offset:
+                raise CheckpointCorruptedError(f"{where}, blob {name!r}: lies outside the shard's payloads")
+        return index
+
+    async def read_index(self) -> dict[str, BlobEntry]:
+        """The shard's blob index, from its tail (one ranged GET, two for a large index).
+        The caller checks the object's size first (:meth:`check_size`)."""
+        size = self.record.size
+        start = max(0, size - _TAIL_GUESS)
+        tail = await self._fetch(start, size)
+        offset, _, _ = codec.parse_trailer(tail[tail.nbytes - codec.TRAILER_SIZE :], size, self._where())
+        if offset < start:  # a large index: fetch it whole
+            start, tail = offset, await self._fetch(offset, size)
+        return self._parse_index(tail[tail.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: tail[lo - start : hi - start])
+
+    async def read_some(self, wanted: Mapping[str, BlobEntry]) -> dict[str, Any]:
+        """Only the ``wanted`` blobs (entries of :meth:`read_index`), fetched with ranged
+        GETs of their bytes: blobs at most ``config.coalesce_gap`` bytes apart share one
+        request. Each blob is checked against its CRC32C."""
         if not wanted:
             return {}
-        ranges = coalesce_ranges((e.offset, e.offset + e.length) for e in wanted.values())
-        buffers: dict[tuple[int, int], memoryview] = {}
-
-        async def fetch(rng: tuple[int, int]) -> None:
-            buffers[rng] = await self._fetch(*rng)
-
-        await run_all(fetch(rng) for rng in ranges)
+        ranges = coalesce_ranges(((e.offset, e.offset + e.length) for e in wanted.values()), self.config.coalesce_gap)
+        buffers = await run_all(self._fetch(lo, hi) for lo, hi in ranges)
+        starts = [lo for lo, _ in ranges]
 
         def decode() -> dict[str, Any]:
             out = {}
             for name, entry in wanted.items():
-                start, end = next(r for r in ranges if r[0] <= entry.offset and entry.offset + entry.length <= r[1])
-                buf = buffers[(start, end)]
-                payload = buf[entry.offset - start : entry.offset - start + entry.length]
+                at = bisect.bisect_right(starts, entry.offset) - 1
+                buf, lo = buffers[at], starts[at]
+                payload = buf[entry.offset - lo : entry.offset - lo + entry.length]
                 out[name] = codec.decode_blob(entry, payload, f"{self._where()}, blob {name!r}")
             return out
 

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from .manifest import EpochManifest, NodeStats
+from .manifest import EpochIndex, NodeStats
 from .storage import Storage
 
 __all__ = ["ACTIONS", "StatsBook"]
@@ -41,22 +41,22 @@ class StatsBook:
     def record(
         self,
         action: str,
-        manifest: EpochManifest,
+        index: EpochIndex,
         seconds: float,
         storage: Storage,
         node_stats: Mapping[str, NodeStats] | None = None,
     ) -> None:
-        """Record ``action`` on ``manifest``'s epoch; ``node_stats`` default to the ones
-        the manifest keeps from the save."""
+        """Record ``action`` on ``index``'s epoch; ``node_stats`` default to the ones the
+        index keeps from the save."""
         if node_stats is None:
-            node_stats = {node: record.stats for node, record in manifest.nodes.items()}
+            node_stats = {node: record.stats for node, record in index.nodes.items()}
         nodes = {
-            node: {**stats.to_json(), "db_name": storage.url_of(manifest.nodes[node].shard)}
+            node: {**stats.to_json(), "db_name": storage.url_of(index.nodes[node].shard)}
             for node, stats in node_stats.items()
         }
         self._reports[action] = {
             "action": action,
-            "epoch": manifest.epoch,
+            "epoch": index.epoch,
             "nodes": nodes,
             "slowest_node": max(nodes, key=lambda n: nodes[n]["seconds"]) if nodes else None,
             "seconds": round(seconds, 6),

@@ -13,16 +13,20 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from . import layout
-from ._tasks import settle_all, shielded
-from .codec import EncodedBlob
-from .errors import CheckpointError, combine_node_failures
-from .manifest import EpochManifest, NodeRecord, NodeStats
-from .node import ShardWriter
+from ._tasks import run_all, settle_all, shielded
+from .codec import BlobEntry, EncodedBlob
+from .config import TransferConfig
+from .errors import CheckpointError, CheckpointNotFoundError, combine_node_failures
+from .manifest import EpochIndex, NodeRecord, NodeStats
+from .node import ShardReader, ShardWriter
 from .storage import ByteBudget, Storage, collect_request_stats
 
-__all__ = ["discard", "plan_partial_load", "read_nodes", "upload_nodes"]
+__all__ = ["discard", "load_partial", "plan_partial_load", "read_nodes", "upload_nodes"]
 
 log = logging.getLogger("asyncckpt")
+
+
+Cleanup = Callable[[list[str]], Awaitable[None]]
 
 
 async def upload_nodes(
@@ -32,25 +36,33 @@ async def upload_nodes(
     writer_id: str,
     encoded: Mapping[str, list[EncodedBlob]],
     max_nodes: int,
+    *,
+    token: str | None = None,
+    cleanup: Cleanup | None = None,
 ) -> dict[str, NodeRecord]:
-    """Upload every node's shard and receipt as attempt ``writer_id`` of ``epoch``;
-    returns each node's record, in the order of ``encoded``. On any failure what this
-    attempt wrote is removed (best effort) and one error names every failed node."""
+    """Upload every node's shard for writer ``writer_id`` of ``epoch``; returns each
+    node's record, in the order of ``encoded``. With ``token`` (a process of a
+    multi-process job) the shards go under it and each gets a receipt.
+
+    On any failure one error names every failed node, after ``cleanup`` (default:
+    :func:`discard`) was handed the keys this call wrote (shielded from cancellation).
+    """
     written: list[str] = []
 
     async def save_node(node: str) -> NodeRecord:
-        shard = layout.shard_key(epoch, writer_id, node)
-        receipt = layout.receipt_key(epoch, writer_id, node)
-        written.extend((shard, receipt))
-        writer = ShardWriter(storage, node, budget)
-        return await writer.write(shard, receipt, encoded[node], epoch=epoch, writer_id=writer_id)
+        shard = layout.shard_key(epoch, writer_id, node, token)
+        receipt = (layout.receipt_key(epoch, writer_id, token, node), epoch, writer_id) if token is not None else None
+        written.append(shard)
+        if receipt is not None:
+            written.append(receipt[0])
+        return await ShardWriter(storage, node, budget).write(shard, encoded[node], receipt=receipt)
 
     try:
         records, failures = await settle_all({node: save_node(node) for node in encoded}, max_nodes)
         if failures:
             raise combine_node_failures(f"save of epoch {epoch}", failures)
     except BaseException:
-        await shielded(discard(storage, written))
+        await shielded(cleanup(written) if cleanup is not None else discard(storage, written))
         raise
     return {node: records[node] for node in encoded}
 
@@ -87,16 +99,46 @@ async def read_nodes(
     return {n: values for n, (values, _) in results.items()}, {n: stats for n, (_, stats) in results.items()}
 
 
-def plan_partial_load(manifest: EpochManifest, nodes: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """node -> {blob name: session key} for the requested names. A name is a blob of
-    one of ``nodes`` or ``"node/blob"``; names found nowhere are left out; a plain name
-    held by several listed nodes is a :class:`ValueError`."""
+async def load_partial(
+    storage: Storage, config: TransferConfig, index: EpochIndex, nodes: Sequence[str], names: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, NodeStats]] | None:
+    """The named blobs of ``nodes`` (see :func:`plan_partial_load`), keyed as named, and
+    per-node stats; ``None`` when a node's shard object is missing. Each shard's size is
+    checked (HEAD) and its blob index read from its tail before any blob is fetched."""
+    readers = {node: ShardReader(storage, node, index.nodes[node], config) for node in nodes}
+
+    async def blob_index(reader: ShardReader) -> dict[str, BlobEntry]:
+        await reader.check_size()
+        return await reader.read_index()
+
+    try:
+        found = await run_all((blob_index(reader) for reader in readers.values()), config.max_concurrency)
+    except CheckpointNotFoundError:
+        return None
+    blobs = dict(zip(readers, found))
+    plan = plan_partial_load(blobs, nodes, names)
+
+    async def read_node(node: str) -> tuple[dict[str, Any], int]:
+        wanted = {blob: blobs[node][blob] for blob in plan[node]}
+        return await readers[node].read_some(wanted), sum(entry.length for entry in wanted.values())
+
+    what = f"partial load of epoch {index.epoch}"
+    values, stats = await read_nodes(what, plan, read_node, config.max_nodes_in_flight)
+    return {plan[node][blob]: value for node, got in values.items() for blob, value in got.items()}, stats
+
+
+def plan_partial_load(
+    blobs: Mapping[str, Mapping[str, BlobEntry]], nodes: Sequence[str], names: Sequence[str]
+) -> dict[str, dict[str, str]]:
+    """node -> {blob name: session key} for the requested names, given each node's blob
+    index. A name is a blob of one of ``nodes`` or ``"node/blob"``; names found nowhere
+    are left out; a plain name held by several listed nodes is a :class:`ValueError`."""
     plan: dict[str, dict[str, str]] = {}
     for name in names:
-        hits = [(node, name) for node in nodes if name in manifest.nodes[node].blobs]
+        hits = [(node, name) for node in nodes if name in blobs[node]]
         if not hits and "/" in name:
             node, _, blob = name.partition("/")
-            if node in nodes and blob in manifest.nodes[node].blobs:
+            if node in nodes and blob in blobs[node]:
                 hits = [(node, blob)]
         if len(hits) > 1:
             raise ValueError(

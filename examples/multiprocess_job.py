@@ -63,8 +63,8 @@ async def train(args: argparse.Namespace, options: dict[str, Any], resume: bool)
             for node in mine:  # "training"
                 mgr.workspace(node).update(node_state(node, epoch, args.mib_per_node))
             await mgr.save(epoch)  # returns once the epoch is committed, by whichever process
-            stats = await mgr.report_checkpoint_stats("checkpoint_save")
-            say(f"{who} saw epoch {epoch} committed; manifest nodes: {', '.join(sorted(stats['nodes']))}")
+            stats = await mgr.report_checkpoint_stats("checkpoint_save")  # this process's nodes
+            say(f"{who} saw epoch {epoch} committed; saved here: {', '.join(sorted(stats['nodes']))}")
 
 
 def worker(env: dict[str, str], args: argparse.Namespace, options: dict[str, Any], resume: bool) -> None:

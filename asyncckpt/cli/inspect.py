@@ -73,14 +73,14 @@ def ls(location: str, endpoint_url: str | None) -> None:
         created = datetime.fromtimestamp(manifest.created_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(
             str(manifest.epoch),
-            str(len(manifest.nodes)),
-            format_bytes(sum(record.size for record in manifest.nodes.values())),
+            str(manifest.node_count),
+            format_bytes(manifest.total_bytes),
             created,
             escape(manifest.run_id),
             "[bold green]latest[/]" if manifest.epoch == latest else "",
         )
     console.print(table)
-    total = sum(record.size for manifest in manifests for record in manifest.nodes.values())
+    total = sum(manifest.total_bytes for manifest in manifests)
     console.print(
         f"{count(len(manifests), 'committed epoch')}, {format_bytes(total)} of shards; a job resumes from epoch {latest}"
     )
@@ -141,6 +141,12 @@ def gc(location: str, grace: float, dry_run: bool, endpoint_url: str | None) -> 
             f"[yellow]kept {count(report.kept_recent, 'object')} younger than {format_duration(grace)}[/]: "
             "a save may still be writing them"
         )
+    if report.abandoned:
+        claimed = "would claim" if dry_run else "claimed"
+        console.print(f"{claimed} {count(len(report.abandoned), 'unfinished save')} as abandoned (it can never commit)")
+    if report.completed_epochs:
+        epochs = ", ".join(str(e) for e in report.completed_epochs)
+        console.print(f"[green]completed the commit of epoch(s) {epochs}[/]: their save had decided to commit")
     if report.skipped_epochs:
         epochs = ", ".join(str(e) for e in report.skipped_epochs)
         console.print(

@@ -19,6 +19,7 @@ from ._base import (
     RequestStats,
     Storage,
     collect_request_stats,
+    validate_key,
 )
 from ._local import LocalStorage
 from ._location import PATH_TYPES, parse_location, storage_for
@@ -42,6 +43,7 @@ __all__ = [
     "drop_memory_store",
     "parse_location",
     "storage_for",
+    "validate_key",
 ]
 
 

@@ -20,7 +20,7 @@ from asyncckpt import MultiNodeCheckpointManager
 from asyncckpt.cli import EXIT_ERROR, EXIT_OK, main
 from asyncckpt.cli._options import Duration
 from asyncckpt.cli.demo import compare_workspaces, init_workspace, node_names, train_epoch
-from asyncckpt.layout import receipt_key, shard_key
+from asyncckpt.layout import index_key, shard_key
 from asyncckpt.storage import drop_memory_store, storage_for
 
 SMALL_JOB = ["--nodes", "3", "--epochs", "4", "--crash-after", "2", "--mib-per-node", "1"]
@@ -199,7 +199,7 @@ def make_garbage(location: Path) -> tuple[list[str], str]:
     still be running (fresh). Returns (old keys, fresh key)."""
     old = [
         shard_key(7, "crashed.0123456789ab", "trainer_0"),
-        receipt_key(7, "crashed.0123456789ab", "trainer_0"),
+        index_key(7, "crashed.0123456789ab"),
         shard_key(1, "loser.ba9876543210", "trainer_1"),
     ]
     fresh = shard_key(8, "running.00112233aabb", "trainer_0")
@@ -264,7 +264,9 @@ def test_gc_deletes_old_garbage_keeps_recent_and_committed_epochs_still_load(
     assert "deleted 3 objects:" in result.output and "removed 3 objects" in result.output
     assert not any((location / key).exists() for key in old)
     assert (location / fresh).exists()
-    assert not (location / "epochs" / "000000000007").exists()  # emptied directories go too
+    assert "claimed 1 unfinished save as abandoned" in result.output
+    # of the interrupted save only gc's claim stays: it can never commit now
+    assert [p.name for p in (location / "epochs" / "000000000007").iterdir()] == ["crashed.0123456789ab.decision"]
     assert asyncio.run(load_every_epoch(str(location))) == [0, 1, 2, 3]
 
     result = invoke("gc", str(location), "--grace", "0")

@@ -58,6 +58,7 @@ STORAGE = {
     "drop_memory_store",
     "parse_location",
     "storage_for",
+    "validate_key",
 }
 
 TESTING_MODULES = {

@@ -1,9 +1,11 @@
 """``MultiNodeCheckpointManager.gc``: what is garbage, what is kept, and dry runs.
 
-Garbage is made the way real jobs make it: an interrupted save (shards and receipts,
-no manifest), a losing attempt's objects inside a committed epoch, and (on S3) an
-unfinished multipart upload. Committed epochs and epochs whose manifest does not parse
-must survive any gc; garbage younger than the grace period is kept.
+Garbage is made the way real jobs make it: an interrupted save (shards and index, no
+decision, no manifest), a losing attempt's objects inside a committed epoch, and (on S3)
+an unfinished multipart upload. Committed epochs and epochs whose manifest does not parse
+must survive any gc; garbage younger than the grace period is kept. gc claims an
+interrupted save (an "abandoned" decision, which stays) before it deletes its objects,
+and completes a save that decided to commit but never published its manifest.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Garbage:
     garbage: set[str] = field(default_factory=set)  # keys gc(grace_period=0) must delete
     skipped: list[int] = field(default_factory=list)  # epochs with a manifest that does not parse
     upload_ids: list[str] = field(default_factory=list)
+    claims: set[str] = field(default_factory=set)  # the decisions gc writes as it claims writers
     # moto reports every multipart upload as initiated in 2010; a real store tells the truth
     upload_looks_old: bool = False
 
@@ -100,9 +103,11 @@ async def garbage(location: Any) -> AsyncIterator[Garbage]:
                 before = await g.keys()
                 await mgr.save(epoch)
                 written = await g.keys() - before
-                if epoch == 3:  # an interrupted save: shards and receipts, never committed
-                    await raw.delete([manifest_key(3)])
-                    g.garbage |= written - {manifest_key(3)}
+                if epoch == 3:  # an interrupted save: shards and index, stopped before its decision
+                    decision = next(key for key in written if key.endswith(".decision"))
+                    await raw.delete([manifest_key(3), decision])
+                    g.garbage |= written - {manifest_key(3), decision}
+                    g.claims.add(decision)
                 elif epoch == 4:  # a manifest that does not parse: gc must leave the epoch alone
                     await raw.put(manifest_key(4), b'{"format": "asyncckpt/manifest", "epoch": 4, "nodes": ')
                     g.skipped.append(4)
@@ -123,7 +128,7 @@ async def garbage(location: Any) -> AsyncIterator[Garbage]:
             assert await g.open_uploads() == [UPLOAD_KEY]
             listed = await client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
             g.upload_looks_old = listed["Uploads"][0]["Initiated"].timestamp() < time.time() - 86400
-        assert len(g.garbage) == 8 and g.committed == [1, 2] and g.skipped == [4]
+        assert len(g.garbage) == 7 and g.committed == [1, 2] and g.skipped == [4]
         yield g
 
 
@@ -136,7 +141,8 @@ async def test_gc_deletes_old_garbage_and_keeps_committed_and_unparsable_epochs(
     assert report.skipped_epochs == [4]
     assert report.kept_recent == 0
     assert report.aborted_uploads == ([UPLOAD_KEY] if garbage.admin else [])
-    assert await garbage.keys() == before - garbage.garbage
+    assert len(report.abandoned) == 1 and report.completed_epochs == []
+    assert await garbage.keys() == (before - garbage.garbage) | garbage.claims
     assert await garbage.open_uploads() == []
     await garbage.check_committed_epochs_load()
     # the unparsable epoch kept every object, its stray attempt included
@@ -173,7 +179,8 @@ async def test_gc_dry_run_deletes_nothing_and_lists_what_gc_deletes(garbage: Gar
     assert sorted(dry.deleted) == sorted(real.deleted) == sorted(garbage.garbage)
     assert dry.aborted_uploads == real.aborted_uploads
     assert dry.skipped_epochs == real.skipped_epochs == [4]
-    assert await garbage.keys() == before - garbage.garbage
+    assert dry.abandoned == real.abandoned
+    assert await garbage.keys() == (before - garbage.garbage) | garbage.claims
     await garbage.check_committed_epochs_load()
 
 
@@ -201,7 +208,10 @@ async def test_gc_after_a_concurrent_loser_removes_nothing_the_winner_needs(loca
 
 @pytest.mark.parametrize("location_kind", ["file"])
 async def test_gc_on_disk_deletes_only_the_objects_older_than_the_grace_period(garbage: Garbage) -> None:
-    """On a local directory the age of an object is its mtime: age some of everything."""
+    """On a local directory the age of an object is its mtime: age some of everything.
+
+    In a committed epoch each object it does not name goes once it is old; an unfinished
+    save is judged by its newest object (one young object keeps the whole attempt)."""
     root = Path(unquote(urlsplit(garbage.location.url).path))
     old = time.time() - 7200
     aged = {key for key in await garbage.keys() if key.endswith(("n0.shard", "n0.receipt.json", "manifest.json"))}
@@ -210,12 +220,40 @@ async def test_gc_on_disk_deletes_only_the_objects_older_than_the_grace_period(g
     before = await garbage.keys()
     async with garbage.manager() as mgr:
         report = await mgr.gc(grace_period=3600)
-    expected = garbage.garbage & aged
-    assert expected and expected != garbage.garbage
+    unfinished = {key for key in garbage.garbage if key.startswith("epochs/000000000003/")}
+    expected = (garbage.garbage & aged) - unfinished
+    assert expected and unfinished & aged
     assert sorted(report.deleted) == sorted(expected)
-    assert report.kept_recent == len(garbage.garbage - aged)
+    assert report.kept_recent == len(garbage.garbage - expected)
+    assert report.abandoned == []
     assert await garbage.keys() == before - expected
     await garbage.check_committed_epochs_load()
+
+    for key in unfinished:  # once every object of the unfinished save is old, it is claimed whole
+        os.utime(root / key, (old, old))
+    async with garbage.manager() as mgr:
+        report = await mgr.gc(grace_period=3600)
+    assert sorted(report.deleted) == sorted(unfinished) and len(report.abandoned) == 1
+    await garbage.check_committed_epochs_load()
+
+
+async def test_gc_completes_a_save_that_decided_to_commit_but_never_published(location: Any) -> None:
+    """A save that died between its commit decision and its manifest: gc must not delete
+    what the decision names; it publishes the manifest, and the epoch loads."""
+    async with MultiNodeCheckpointManager(location.url, storage_options=location.options) as mgr:
+        await mgr.init(state(6))
+        await mgr.save(6)
+    async with storage_for(location.url, options=location.options) as raw:
+        await raw.delete([manifest_key(6)])  # as if the process died right after deciding
+        async with MultiNodeCheckpointManager(location.url, storage_options=location.options) as mgr:
+            await mgr.init({node: {} for node in NODES})
+            assert await mgr.committed_epochs() == []
+            report = await mgr.gc(grace_period=0)
+            assert report.completed_epochs == [6] and report.deleted == [] and report.abandoned == []
+            assert await mgr.committed_epochs() == [6]
+            await mgr.load(6)
+            for node, blobs in state(6).items():
+                assert_same(dict(mgr.workspace(node)), blobs, node)
 
 
 async def test_gc_rejects_a_bad_grace_period(location: Any) -> None:

@@ -218,18 +218,20 @@ async def test_four_processes_commit_every_epoch_once(
     argses = job_args(url, s3_endpoint, "job-a", NODES8, 4, seed=7, epochs=[0, 1, 2])
     done = await asyncio.to_thread(run_job, log_dir, argses)
     assert [w.proc.returncode for w in done] == [0] * 4, describe(done)
-    for w in done:  # every process saw every epoch committed, with all 8 nodes in its stats
+    for w in done:  # every process saw every epoch committed, with its own nodes in its stats
         saved = w.of("saved")
         assert [e["epoch"] for e in saved] == [0, 1, 2], describe([w])
         for event in saved:
-            assert event["nodes"] == NODES8
-            assert event["slowest_node"] in NODES8
+            assert event["nodes"] == sorted(w.args["local"])
+            assert event["slowest_node"] in w.args["local"]
+    assert sorted(node for w in done for node in w.args["local"]) == NODES8
     keys = await list_keys(s3_endpoint, s3_bucket, "job/")
     assert manifest_keys(keys) == [f"job/epochs/{e:012d}/manifest.json" for e in range(3)]
     for epoch in range(3):
         manifest = await get_json(s3_endpoint, s3_bucket, f"job/epochs/{epoch:012d}/manifest.json")
-        assert sorted(manifest["nodes"]) == NODES8
-        assert manifest["writer_id"].startswith("job-a.")
+        index = await get_json(s3_endpoint, s3_bucket, f"job/{manifest['index']['key']}")
+        assert manifest["nodes"] == len(NODES8) and sorted(index["nodes"]) == NODES8
+        assert manifest["writer_id"] == "job-a"  # the processes of one job share one writer
         await check_epoch(url, s3_options, NODES8, epoch, seed=7)
 
 
@@ -253,7 +255,7 @@ async def test_resume_after_every_process_restarts(
     assert manifest_keys(keys) == [f"job/epochs/{e:012d}/manifest.json" for e in range(5)]
     for epoch in (3, 4):
         manifest = await get_json(s3_endpoint, s3_bucket, f"job/epochs/{epoch:012d}/manifest.json")
-        assert manifest["writer_id"].startswith("second.")
+        assert manifest["writer_id"] == "second"
         await check_epoch(url, s3_options, NODES8, epoch, seed=3)
 
 
@@ -312,11 +314,10 @@ async def test_killed_process_makes_the_others_time_out_naming_its_nodes(
     assert sum(k.endswith(".decision") for k in leftovers) == 1
     async with MultiNodeCheckpointManager(url, storage_options=s3_options) as mgr:
         report = await mgr.gc(grace_period=0)
-    expected = {k.removeprefix("job/") for k in leftovers}
-    assert expected <= set(report.deleted)
-    # besides epoch 2's leftovers, only committed epochs' spent commit decisions go
-    assert all(k.endswith(".decision") for k in set(report.deleted) - expected), report.deleted
-    assert await list_keys(s3_endpoint, s3_bucket, "job/epochs/000000000002/") == []
+    (abort,) = (k for k in leftovers if k.endswith(".decision"))
+    expected = {k.removeprefix("job/") for k in leftovers if k != abort}
+    assert set(report.deleted) == expected  # the abort decision stays: the job's writer can never commit epoch 2
+    assert await list_keys(s3_endpoint, s3_bucket, "job/epochs/000000000002/") == [abort]
     await check_epoch(url, s3_options, NODES8, 1, seed=5)
 
 
@@ -380,13 +381,14 @@ async def test_two_job_incarnations_racing_on_one_epoch(
     keys = await list_keys(s3_endpoint, s3_bucket, "job/")
     assert manifest_keys(keys) == ["job/epochs/000000000000/manifest.json"]
     manifest = await get_json(s3_endpoint, s3_bucket, "job/epochs/000000000000/manifest.json")
-    assert manifest["writer_id"].split(".")[0] == winner
-    for node, record in manifest["nodes"].items():  # every shard comes from the winning job
-        assert record["shard"].split("/")[2].split(".")[0] == winner, (node, record)
+    assert manifest["writer_id"] == winner
+    index = await get_json(s3_endpoint, s3_bucket, f"job/{manifest['index']['key']}")
+    for node, record in index["nodes"].items():  # every shard comes from the winning job
+        assert record["shard"].split("/")[2] == winner, (node, record)
     await check_epoch(url, s3_options, nodes, 0, seed=seeds[winner])
     async with MultiNodeCheckpointManager(url, storage_options=s3_options) as mgr:
-        await mgr.gc(grace_period=0)  # the loser's shards and receipts go, the commit stays
-    assert len(await list_keys(s3_endpoint, s3_bucket, "job/")) == 1 + 2 * len(nodes)
+        await mgr.gc(grace_period=0)  # the loser's objects go; the commit (manifest, index, decision) stays
+    assert len(await list_keys(s3_endpoint, s3_bucket, "job/")) == 3 + 2 * len(nodes)
     await check_epoch(url, s3_options, nodes, 0, seed=seeds[winner])
 
 
@@ -435,7 +437,7 @@ async def test_thirty_two_processes(
     assert [w.proc.returncode for w in done] == [0] * 32, describe(done)
     for w in done:
         (saved,) = w.of("saved")
-        assert saved["nodes"] == nodes
+        assert saved["nodes"] == sorted(w.args["local"])
     keys = await list_keys(s3_endpoint, s3_bucket, "job/")
     assert manifest_keys(keys) == ["job/epochs/000000000000/manifest.json"]
     await check_epoch(url, s3_options, nodes, 0, seed=1)
@@ -470,5 +472,6 @@ def test_example_script(s3_bucket: str, s3_endpoint: str, tmp_path: Path) -> Non
     assert proc.returncode == 0, out
     lines = out.splitlines()
     assert lines[-1] == "PASS", out
-    assert sum("saw epoch 1 committed; manifest nodes: node-0, node-1, node-2, node-3" in x for x in lines) == 2, out
+    committed = [x.split("saved here: ")[1] for x in lines if "saw epoch 1 committed; saved here: " in x]
+    assert sorted(node for x in committed for node in x.split(", ")) == ["node-0", "node-1", "node-2", "node-3"], out
     assert sum("resumed from epoch 1" in x for x in lines) == 2, out

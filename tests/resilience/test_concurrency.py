@@ -29,7 +29,7 @@ from aiobotocore.config import AioConfig
 
 from asyncckpt import MultiNodeCheckpointManager, TransferConfig
 from asyncckpt.errors import CheckpointConflictError
-from asyncckpt.layout import epoch_dir, manifest_key
+from asyncckpt.layout import decision_key, epoch_dir, manifest_key
 from asyncckpt.storage import storage_for
 from tests.support.asserts import assert_same
 
@@ -120,7 +120,9 @@ async def test_two_jobs_saving_the_same_epoch_exactly_one_commits(location: Any)
             # the manifest is the winner's, and the loser's attempt left nothing behind
             body = json.loads(await raw.get(manifest_key(epoch)))
             assert body["writer_id"].startswith(f"job{winner}.")
-            named = {manifest_key(epoch)} | {k for r in body["nodes"].values() for k in (r["shard"], r["receipt"])}
+            index = json.loads(await raw.get(body["index"]["key"]))
+            named = {manifest_key(epoch), body["index"]["key"], decision_key(epoch, body["writer_id"])}
+            named |= {r["shard"] for r in index["nodes"].values()}
             assert {info.key async for info in raw.list(epoch_dir(epoch))} == named
 
 

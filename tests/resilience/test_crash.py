@@ -138,18 +138,25 @@ def _manifest_put(r: Request) -> bool:
     return r.method == "PUT" and r.path.endswith(EPOCH2 + "manifest.json")
 
 
+def _decision_put(r: Request) -> bool:
+    return r.method == "PUT" and EPOCH2 in r.path and r.path.endswith(".decision")
+
+
 def _part_done(n: int) -> Callable[[list[Exchange]], bool]:
     is_part = _part(n)
     return lambda log: any(e.status == 200 and is_part(Request(e.method, e.path, e.query, {})) for e in log)
 
 
-# point: (hold predicate or None, what happens to the held request, is epoch 2 committed)
-CRASH_POINTS: dict[str, tuple[Callable[[Request], bool] | None, bool, bool]] = {
-    "before-shard-uploads": (_shard_upload_start, False, False),
-    "during-shard-uploads": (_part(2), False, False),
-    "before-commit": (_manifest_put, False, False),
-    "commit-lands-after-death": (_manifest_put, True, True),
-    "after-commit": (None, False, True),
+# point: (hold predicate or None, what happens to the held request,
+#         is epoch 2 committed before gc, and after gc)
+CRASH_POINTS: dict[str, tuple[Callable[[Request], bool] | None, bool, bool, bool]] = {
+    "before-shard-uploads": (_shard_upload_start, False, False, False),
+    "during-shard-uploads": (_part(2), False, False, False),
+    "before-decision": (_decision_put, False, False, False),
+    "decision-lands-after-death": (_decision_put, True, False, True),  # gc completes the commit
+    "before-manifest": (_manifest_put, False, False, True),  # gc completes the commit
+    "commit-lands-after-death": (_manifest_put, True, True, True),
+    "after-commit": (None, False, True, True),
 }
 
 
@@ -162,7 +169,7 @@ async def test_sigkill_during_save_leaves_a_consistent_checkpoint(
     s3_direct: Any,
     tmp_path: Path,
 ) -> None:
-    predicate, forward_held, committed = CRASH_POINTS[point]
+    predicate, forward_held, committed, committed_after_gc = CRASH_POINTS[point]
     hold = Hold(timeout=2 * WAIT)
     if predicate is not None:
         proxy.add_rule(predicate, hold)
@@ -187,15 +194,17 @@ async def test_sigkill_during_save_leaves_a_consistent_checkpoint(
         assert uploads_before and all(k.endswith("/trainer_0.shard") for k in uploads_before), uploads_before
     if point == "before-shard-uploads":
         assert epoch2_before == [] and uploads_before == []
-    if point == "before-commit":
-        assert len(epoch2_before) == 2 * len(NODES) and not any(k.endswith("manifest.json") for k in epoch2_before)
+    if point == "before-decision":  # the shards and the index, no verdict
+        assert len(epoch2_before) == len(NODES) + 1 and not any(k.endswith(".decision") for k in epoch2_before)
+    if point == "before-manifest":  # the shards, the index and the commit decision, no manifest
+        assert len(epoch2_before) == len(NODES) + 2 and not any(k.endswith("manifest.json") for k in epoch2_before)
 
-    last = 2 if committed else 1
     config = TransferConfig(part_size=5 * MiB, range_size=5 * MiB)
     async with MultiNodeCheckpointManager(url, storage_options=s3_options, config=config) as mgr:
         await mgr.init(list(NODES))
 
         async def check_committed() -> None:
+            last = 2 if committed else 1
             assert await mgr.get_resume_from_epoch_id() == last
             assert await mgr.committed_epochs() == list(range(1, last + 1))
             assert await mgr.cp_accessible(1)
@@ -217,7 +226,13 @@ async def test_sigkill_during_save_leaves_a_consistent_checkpoint(
         assert sorted(report.aborted_uploads) == uploads_before
         if committed:  # gc keeps what the manifest names (the dead child's own attempt)
             assert epoch2_after == epoch2_before and report.deleted == []
-        else:  # every object of the killed save is garbage
-            assert epoch2_after == [] and sorted(report.deleted) == epoch2_before
+        elif committed_after_gc:  # the child had decided to commit: gc published its manifest
+            assert report.completed_epochs == [2] and report.deleted == []
+            assert set(epoch2_after) == {*epoch2_before, "epochs/000000000002/manifest.json"}
+        else:  # every object of the killed save is garbage; gc's claim on it stays
+            claims = [k for k in epoch2_after if k.endswith(".decision")]
+            assert sorted(report.deleted) == sorted(set(epoch2_before) - set(claims))
+            assert len(claims) == (1 if epoch2_before else 0) and set(epoch2_after) == set(claims)
         assert (await bucket_view(s3_direct, s3_bucket, "epochs/000000000001/"))[0] == epoch1_before
+        committed = committed_after_gc
         await check_committed()

@@ -211,7 +211,7 @@ async def test_lost_responses_of_shard_writes(
 ) -> None:
     """Each kind of shard write takes effect once but its response is lost (then the
     retry goes through): PUT, CreateMultipartUpload, UploadPart, CompleteMultipartUpload
-    and the receipt PUT. The save succeeds; the orphaned upload of the lost
+    and the index and create-only decision PUTs. The save succeeds; the orphaned upload of the lost
     CreateMultipartUpload is gc's job; the epoch loads before and after gc."""
     proxy = make_proxy()
     lost = {
@@ -219,7 +219,8 @@ async def test_lost_responses_of_shard_writes(
         "create": lambda r: r.method == "POST" and r.query == "uploads",
         "part": lambda r: r.method == "PUT" and "partNumber=1&" in r.query + "&",
         "complete": lambda r: r.method == "POST" and "uploadId=" in r.query,
-        "receipt": lambda r: r.method == "PUT" and r.path.endswith("/trainer_1.receipt.json"),
+        "index": lambda r: r.method == "PUT" and r.path.endswith("/index.json"),
+        "decision": lambda r: r.method == "PUT" and r.path.endswith(".decision"),
     }
     rules = {name: proxy.add_rule(predicate, ForwardThenReset(), times=1) for name, predicate in lost.items()}
     config = TransferConfig(part_size=5 * MiB, range_size=5 * MiB, max_attempts=4)

@@ -6,6 +6,7 @@ payloads fail with :class:`CheckpointCorruptedError` and never with anything els
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -21,8 +22,8 @@ from asyncckpt import codec
 from asyncckpt.codec import BlobEntry, EncodedBlob
 from asyncckpt.config import TransferConfig
 from asyncckpt.errors import CheckpointCorruptedError
-from asyncckpt.layout import receipt_key, shard_key
-from asyncckpt.manifest import EpochManifest, NodeRecord
+from asyncckpt.layout import index_key, receipt_key, shard_key
+from asyncckpt.manifest import Decision, EpochIndex, EpochManifest, NodeRecord
 from asyncckpt.node import ShardReader
 
 FUZZ = settings(
@@ -78,8 +79,9 @@ def payload_of(blob: EncodedBlob) -> bytes:
     return b"".join(bytes(view) for view in blob.buffers)
 
 
-def build_shard(node: str, blobs: dict[str, Any]) -> tuple[bytes, NodeRecord]:
-    """A shard laid out exactly as ShardWriter.write does, and the record a manifest holds."""
+def build_shard(node: str, blobs: dict[str, Any]) -> tuple[bytes, NodeRecord, dict[str, BlobEntry]]:
+    """A shard laid out exactly as ShardWriter.write does, the record an index holds,
+    and the shard's blob index."""
     header = codec.shard_header(node)
     parts = [header]
     index: dict[str, BlobEntry] = {}
@@ -91,15 +93,8 @@ def build_shard(node: str, blobs: dict[str, Any]) -> tuple[bytes, NodeRecord]:
         offset += blob.length
     parts.append(codec.shard_trailer(index, offset))
     data = b"".join(parts)
-    record = NodeRecord(
-        node,
-        shard_key(EPOCH, WRITER_ID, node),
-        receipt_key(EPOCH, WRITER_ID, node),
-        len(data),
-        codec.checksum(data),
-        index,
-    )
-    return data, record
+    record = NodeRecord(node, shard_key(EPOCH, WRITER_ID, node), len(data), codec.checksum(data))
+    return data, record, index
 
 
 class _NoStorage:
@@ -239,6 +234,7 @@ def mutate(data: st.DataObject, original: bytes, regions: list[tuple[int, int]] 
 
 MANIFEST_KEYS = [
     "format", "version", "epoch", "writer_id", "db_type", "created_unix", "nodes", "node", "shard", "receipt",
+    "index", "key", "metrics", "verdict", "manifest", "reason", "missing",
     "size", "crc32c", "blobs", "stats", "seconds", "bytes", "objects", "requests", "retries", "offset", "length",
     "encoding", "dtype", "shape", "order",
 ]  # fmt: skip
@@ -319,9 +315,9 @@ def test_generated_blobs_round_trip_through_the_codec(blobs: dict[str, Any], rea
 @settings(FUZZ, max_examples=50)  # the round trip above covers the values; this covers the layout
 @given(blobs=blob_sets)
 def test_generated_shard_reads_back_whole_and_blob_by_blob(blobs: dict[str, Any]) -> None:
-    data, record = build_shard(NODE, blobs)
+    data, record, index = build_shard(NODE, blobs)
     assert same(reader_for(record).decode(memoryview(bytearray(data))), dict(sorted(blobs.items())))
-    for name, entry in record.blobs.items():
+    for name, entry in index.items():
         payload = memoryview(data)[entry.offset : entry.offset + entry.length]
         assert same(codec.decode_blob(entry, payload, name), blobs[name])
 
@@ -333,7 +329,7 @@ def test_generated_shard_reads_back_whole_and_blob_by_blob(blobs: dict[str, Any]
 @FUZZ
 @given(blobs=blob_sets, data=st.data())
 def test_damaged_shard_is_corrupted_error_or_unchanged(blobs: dict[str, Any], data: st.DataObject) -> None:
-    original, record = build_shard(NODE, blobs)
+    original, record, index = build_shard(NODE, blobs)
     damaged = mutate(data, original, shard_regions(original))
     expected = dict(sorted(blobs.items()))
 
@@ -349,7 +345,7 @@ def test_damaged_shard_is_corrupted_error_or_unchanged(blobs: dict[str, Any], da
         assert same(result, expected)
 
     # each blob from its own byte range, as ShardReader.read_some decodes it
-    for name, entry in record.blobs.items():
+    for name, entry in index.items():
         payload = damaged[entry.offset : entry.offset + entry.length]
         try:
             value = codec.decode_blob(entry, memoryview(bytearray(payload)), name)
@@ -369,10 +365,24 @@ small_blob_sets = st.dictionaries(
 )
 
 
+def _index(blobs: dict[str, Any]) -> EpochIndex:
+    _, first, _ = build_shard("node-a", blobs)
+    _, second, _ = build_shard("node-b", {"only": 1})
+    return EpochIndex(EPOCH, WRITER_ID, {"node-a": first, "node-b": second})
+
+
 def _manifest(blobs: dict[str, Any], created: float) -> EpochManifest:
-    _, first = build_shard("node-a", blobs)
-    _, second = build_shard("node-b", {"only": 1})
-    return EpochManifest(EPOCH, WRITER_ID, {"node-a": first, "node-b": second}, created_unix=created)
+    index = _index(blobs)
+    manifest = EpochManifest.for_index(index, index_key(EPOCH, WRITER_ID), index.to_json(), "msgpack", {"loss": 0.5})
+    return dataclasses.replace(manifest, created_unix=created)
+
+
+def parse_index(text: bytes) -> EpochIndex:
+    return EpochIndex.from_json(text, "index", epoch=EPOCH, writer_id=WRITER_ID)
+
+
+def parse_decision(text: bytes) -> Decision:
+    return Decision.from_json(text, "decision", epoch=EPOCH, writer_id=WRITER_ID)
 
 
 @FUZZ
@@ -388,8 +398,29 @@ def test_damaged_manifest_is_corrupted_error_or_parses(
 
 @FUZZ
 @given(blobs=small_blob_sets, data=st.data())
+def test_damaged_index_is_corrupted_error_or_parses(blobs: dict[str, Any], data: st.DataObject) -> None:
+    index = _index(blobs)
+    text = index.to_json()
+    assert parse_index(text) == index
+    parses_or_is_corrupted(parse_index, mutate_json(data, text))
+
+
+@FUZZ
+@given(blobs=small_blob_sets, created=st.floats(0, 4e9), data=st.data())
+def test_damaged_decision_is_corrupted_error_or_parses(
+    blobs: dict[str, Any], created: float, data: st.DataObject
+) -> None:
+    decision = Decision(EPOCH, WRITER_ID, "commit", _manifest(blobs, created))
+    text = decision.to_json()
+    assert parse_decision(text) == decision
+    parses_or_is_corrupted(parse_decision, mutate_json(data, text))
+
+
+@FUZZ
+@given(blobs=small_blob_sets, data=st.data())
 def test_damaged_receipt_is_corrupted_error_or_parses(blobs: dict[str, Any], data: st.DataObject) -> None:
-    _, record = build_shard(NODE, blobs)
+    _, record, _ = build_shard(NODE, blobs)
+    record = dataclasses.replace(record, receipt=receipt_key(EPOCH, WRITER_ID, "tok", NODE))
     text = record.receipt_json(EPOCH, WRITER_ID)
     assert NodeRecord.from_receipt(text, "receipt") == (EPOCH, WRITER_ID, record)
     parses_or_is_corrupted(NodeRecord.from_receipt, mutate_json(data, text), "receipt")
@@ -397,17 +428,14 @@ def test_damaged_receipt_is_corrupted_error_or_parses(blobs: dict[str, Any], dat
 
 @FUZZ
 @given(text=st.binary(max_size=256) | json_values.map(lambda v: json.dumps(v).encode()))
-def test_arbitrary_bytes_are_no_manifest_and_no_receipt(text: bytes) -> None:
+def test_arbitrary_bytes_are_no_manifest_no_index_no_decision_and_no_receipt(text: bytes) -> None:
     parses_or_is_corrupted(EpochManifest.from_json, text, "manifest")
+    parses_or_is_corrupted(parse_index, text)
+    parses_or_is_corrupted(parse_decision, text)
     parses_or_is_corrupted(NodeRecord.from_receipt, text, "receipt")
 
 
-def _valid_manifest_tree() -> dict[str, Any]:
-    return json.loads(_manifest({"w": np.arange(3.0), "b": b"x"}, 1.7e9).to_json())
-
-
-def _set(path: tuple[Any, ...], value: Any) -> bytes:
-    tree = _valid_manifest_tree()
+def _set(tree: dict[str, Any], path: tuple[Any, ...], value: Any) -> bytes:
     node = tree
     for key in path[:-1]:
         node = node[key]
@@ -415,18 +443,49 @@ def _set(path: tuple[Any, ...], value: Any) -> bytes:
     return json.dumps(tree).encode()
 
 
+def _manifest_with(path: tuple[Any, ...], value: Any) -> bytes:
+    return _set(json.loads(_manifest({"w": np.arange(3.0), "b": b"x"}, 1.7e9).to_json()), path, value)
+
+
+def _index_with(path: tuple[Any, ...], value: Any) -> bytes:
+    return _set(json.loads(_index({"w": np.arange(3.0), "b": b"x"}).to_json()), path, value)
+
+
 MALFORMED_MANIFESTS = {
-    "stats.bytes Infinity": _set(("nodes", "node-a", "stats", "bytes"), math.inf),
-    "stats.seconds 10**400": _set(("nodes", "node-a", "stats", "seconds"), 10**400),
-    "created_unix 10**400": _set(("created_unix",), 10**400),
-    "blob dtype 'a8'": _set(("nodes", "node-a", "blobs", "w", "dtype"), "a8"),
+    "created_unix 10**400": _manifest_with(("created_unix",), 10**400),
+    "index size -1": _manifest_with(("index", "size"), -1),
+    "index key outside the epoch": _manifest_with(("index", "key"), "epochs/000000000099/w/index.json"),
+    "metric Infinity": _manifest_with(("metrics", "loss"), math.inf),
     "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
+}
+MALFORMED_INDEXES = {
+    "stats.bytes Infinity": _index_with(("nodes", "node-a", "stats", "bytes"), math.inf),
+    "stats.seconds 10**400": _index_with(("nodes", "node-a", "stats", "seconds"), 10**400),
+    "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
+}
+REFUSED_INDEXES = {
+    "crc32c 2**32": _index_with(("nodes", "node-a", "crc32c"), 2**32),
+    "shard ../escape": _index_with(("nodes", "node-a", "shard"), "../escape"),
+    "shard in another epoch": _index_with(("nodes", "node-a", "shard"), "epochs/000000000001/x/a.shard"),
+    "size -1": _index_with(("nodes", "node-a", "size"), -1),
+    "no nodes": _index_with(("nodes",), {}),
 }
 
 
 @pytest.mark.parametrize("text", MALFORMED_MANIFESTS.values(), ids=MALFORMED_MANIFESTS.keys())
 def test_malformed_manifest_is_corrupted_error_or_parses(text: bytes) -> None:
     parses_or_is_corrupted(EpochManifest.from_json, text, "manifest")
+
+
+@pytest.mark.parametrize("text", MALFORMED_INDEXES.values(), ids=MALFORMED_INDEXES.keys())
+def test_malformed_index_is_corrupted_error_or_parses(text: bytes) -> None:
+    parses_or_is_corrupted(parse_index, text)
+
+
+@pytest.mark.parametrize("text", REFUSED_INDEXES.values(), ids=REFUSED_INDEXES.keys())
+def test_index_naming_bad_keys_or_values_is_corrupted_error(text: bytes) -> None:
+    with pytest.raises(CheckpointCorruptedError):
+        parse_index(text)
 
 
 def test_deeply_nested_receipt_is_corrupted_error() -> None:

@@ -2,7 +2,7 @@
 
 Committed three-node epochs are damaged through the storage API, one kind of damage
 per epoch (a flipped byte in a blob, a truncated shard, two nodes' shards swapped, a
-deleted shard, hand-edited manifests). Loading one must raise ``CheckpointCorruptedError``
+deleted shard, a hand-edited blob index inside a shard, hand-edited manifests and indexes). Loading one must raise ``CheckpointCorruptedError``
 (``CheckpointNotFoundError`` for a missing object) whose message names the node, the
 blob where the damage is inside one, and the object, and must leave every workspace
 exactly as it was, including the workspaces of nodes whose shards were fine. ``load_blobs_locally`` must behave the same
@@ -19,10 +19,11 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
-from asyncckpt import MultiNodeCheckpointManager
+from asyncckpt import MultiNodeCheckpointManager, codec
 from asyncckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError
 from asyncckpt.layout import manifest_key
 from asyncckpt.storage import Storage, storage_for
@@ -96,7 +97,7 @@ class Damaged:
 
     location: Any
     raw: Storage  # direct access to the stored objects
-    manifests: dict[int, dict[str, Any]]  # parsed JSON of the manifests as committed
+    manifests: dict[int, dict[str, Any]]  # parsed JSON of the manifests as committed, see read_commit
     epochs: dict[str, int]  # damage name -> its epoch
     expect: dict[str, Expect]  # damage name -> what loading that epoch must raise
 
@@ -109,6 +110,9 @@ class Damaged:
     def manifest_url(self, epoch: int) -> str:
         return self.raw.url_of(manifest_key(epoch))
 
+    def index_url(self, epoch: int) -> str:
+        return self.raw.url_of(self.manifests[epoch]["index"]["key"])
+
     def manager(self) -> MultiNodeCheckpointManager:
         return MultiNodeCheckpointManager(self.location.url, storage_options=self.location.options)
 
@@ -120,10 +124,38 @@ async def rewrite(raw: Storage, key: str, change: Callable[[bytes], bytes]) -> N
     await raw.put(key, changed)
 
 
+async def read_commit(raw: Storage, epoch: int) -> dict[str, Any]:
+    """The manifest's JSON, with its index's node records under ``"nodes"`` and, in
+    each, the blob index read from the shard's trailer under ``"blobs"``."""
+    manifest = json.loads(await raw.get(manifest_key(epoch)))
+    index = json.loads(await raw.get(manifest["index"]["key"]))
+    for record in index["nodes"].values():
+        shard = await raw.get(record["shard"])
+        offset, length, _ = codec.parse_trailer(shard[-codec.TRAILER_SIZE :], len(shard), "shard")
+        record["blobs"] = msgpack.unpackb(shard[offset : offset + length])
+    return {**manifest, "nodes": index["nodes"], "manifest": manifest}
+
+
 async def edit_manifest(d: Damaged, epoch: int, change: Callable[[dict[str, Any]], None]) -> None:
-    body = copy.deepcopy(d.manifests[epoch])
+    body = copy.deepcopy(d.manifests[epoch]["manifest"])
     change(body)
     await d.raw.put(manifest_key(epoch), json.dumps(body, indent=1).encode())
+
+
+async def edit_index(d: Damaged, epoch: int, change: Callable[[dict[str, Any]], None], *, consistent: bool) -> None:
+    """Edit the epoch's index; ``consistent`` also updates its size and CRC32C in the
+    manifest (a careful hand edit that only the deeper checks can catch)."""
+    key = d.manifests[epoch]["index"]["key"]
+    body = json.loads(await d.raw.get(key))
+    change(body)
+    data = json.dumps(body, indent=1).encode()
+    await d.raw.put(key, data)
+    if consistent:
+
+        def point_at(manifest: dict[str, Any]) -> None:
+            manifest["index"].update(size=len(data), crc32c=codec.checksum(data))
+
+        await edit_manifest(d, epoch, point_at)
 
 
 def flip(data: bytes, at: int) -> bytes:
@@ -160,37 +192,54 @@ async def delete_shard(d: Damaged, e: int) -> Expect:
     return Expect(CheckpointNotFoundError, (node,), None, (d.shard_url(node, e),))
 
 
-async def manifest_blob_crc(d: Damaged, e: int) -> Expect:
+async def shard_index_blob_crc(d: Damaged, e: int) -> Expect:
+    """A blob's CRC32C edited in the shard's own blob index, its index checksum kept right:
+    the index no longer matches the one the node's record vouches for."""
     node, blob = "trainer-1", "weights"
 
-    def change(body: dict[str, Any]) -> None:
-        entry = body["nodes"][node]["blobs"][blob]
-        entry["crc32c"] = entry["crc32c"] ^ 0x5A5A
+    def change(data: bytes) -> bytes:
+        offset, length, _ = codec.parse_trailer(data[-codec.TRAILER_SIZE :], len(data), "shard")
+        raw = msgpack.unpackb(data[offset : offset + length])
+        raw[blob]["crc32c"] ^= 0x5A5A
+        index = {name: codec.BlobEntry.from_json(entry, name) for name, entry in raw.items()}
+        changed = data[:offset] + codec.shard_trailer(index, offset)
+        assert len(changed) == len(data)
+        return changed
 
-    await edit_manifest(d, e, change)
-    return Expect(CheckpointCorruptedError, (node,), blob, (d.shard_url(node, e), d.manifest_url(e)))
+    await rewrite(d.raw, d.shard_key(node, e), change)
+    return Expect(CheckpointCorruptedError, (node,), None, (d.shard_url(node, e),))
 
 
-async def manifest_size(d: Damaged, e: int) -> Expect:
+async def index_size(d: Damaged, e: int) -> Expect:
     node = "trainer-0"
 
     def change(body: dict[str, Any]) -> None:
         body["nodes"][node]["size"] += 7
 
-    await edit_manifest(d, e, change)
+    await edit_index(d, e, change, consistent=True)
     return Expect(CheckpointCorruptedError, (node,), None, (d.shard_url(node, e), d.manifest_url(e)))
 
 
-async def manifest_other_epochs_shard(d: Damaged, e: int) -> Expect:
+async def index_other_epochs_shard(d: Damaged, e: int) -> Expect:
     node = "trainer-0"
     other = d.shard_key(node, OTHER_EPOCH)
 
     def change(body: dict[str, Any]) -> None:
         body["nodes"][node]["shard"] = other
 
-    await edit_manifest(d, e, change)
+    await edit_index(d, e, change, consistent=True)
     # the message names the offending key (a substring of its URL)
     return Expect(CheckpointCorruptedError, (node,), None, (other,))
+
+
+async def index_edited_alone(d: Damaged, e: int) -> Expect:
+    """The index changed behind its manifest's back: its size or CRC32C no longer match."""
+
+    def change(body: dict[str, Any]) -> None:
+        body["nodes"]["ps-0"]["stats"]["seconds"] = 1234.5
+
+    await edit_index(d, e, change, consistent=False)
+    return Expect(CheckpointCorruptedError, (), None, (d.index_url(e),))
 
 
 async def manifest_invalid_json(d: Damaged, e: int) -> Expect:
@@ -211,9 +260,10 @@ DAMAGES: dict[str, Callable[[Damaged, int], Awaitable[Expect]]] = {
     "truncate_shard": truncate_shard,
     "swap_shards": swap_shards,
     "delete_shard": delete_shard,
-    "manifest_blob_crc": manifest_blob_crc,
-    "manifest_size": manifest_size,
-    "manifest_other_epochs_shard": manifest_other_epochs_shard,
+    "shard_index_blob_crc": shard_index_blob_crc,
+    "index_size": index_size,
+    "index_other_epochs_shard": index_other_epochs_shard,
+    "index_edited_alone": index_edited_alone,
     "manifest_invalid_json": manifest_invalid_json,
     "manifest_wrong_epoch": manifest_wrong_epoch,
 }
@@ -234,7 +284,7 @@ async def damaged(location: Any) -> Any:
                 mgr.workspace(node).update(blobs)
             await mgr.save(epoch)
     async with storage_for(location.url, options=location.options) as raw:
-        manifests = {e: json.loads(await raw.get(manifest_key(e))) for e in [*epochs.values(), OTHER_EPOCH]}
+        manifests = {e: await read_commit(raw, e) for e in [*epochs.values(), OTHER_EPOCH]}
         d = Damaged(location, raw, manifests, epochs, {})
         for name, damage in DAMAGES.items():
             d.expect[name] = await damage(d, epochs[name])
@@ -342,9 +392,10 @@ PARTIAL_REQUESTS: dict[str, tuple[list[str], list[str]]] = {
     "flip_payload_byte": (["trainer-1"], ["weights", "bias"]),
     "truncate_shard": (["trainer-0", "ps-0"], ["trainer-0/bias", "table"]),
     "swap_shards": (["trainer-0"], ["weights"]),
-    "manifest_blob_crc": (["trainer-1"], ["weights"]),
-    "manifest_size": (["trainer-0"], ["step"]),
-    "manifest_other_epochs_shard": (["trainer-0"], ["bias"]),
+    "shard_index_blob_crc": (["trainer-1"], ["weights"]),
+    "index_size": (["trainer-0"], ["step"]),
+    "index_other_epochs_shard": (["trainer-0"], ["bias"]),
+    "index_edited_alone": (["ps-0"], ["table"]),
     "manifest_invalid_json": (["ps-0"], ["table"]),
     "manifest_wrong_epoch": (["ps-0"], ["table"]),
 }
@@ -359,9 +410,9 @@ async def test_partial_load_of_damaged_epoch_raises_and_leaves_session(damaged: 
             epoch = damaged.epochs[name]
             expect = damaged.expect[name]
             if name == "swap_shards":
-                # only trainer-0's weights are fetched: the damage shows as a CRC mismatch of that blob
+                # only trainer-0's blob index and weights are fetched: its index is not the recorded one
                 expect = Expect(
-                    CheckpointCorruptedError, ("trainer-0",), "weights", (damaged.shard_url("trainer-0", epoch),)
+                    CheckpointCorruptedError, ("trainer-0",), None, (damaged.shard_url("trainer-0", epoch),)
                 )
             with findings.case(name):
                 session: dict[str, Any] = {"weights": np.zeros(2), "untouched": {"a": [1, 2]}}
@@ -396,7 +447,8 @@ async def test_partial_loads_and_probes_around_damage(damaged: Damaged) -> None:
         for name in (
             "delete_shard",
             "truncate_shard",
-            "manifest_size",
+            "index_size",
+            "index_edited_alone",
             "manifest_invalid_json",
             "manifest_wrong_epoch",
         ):

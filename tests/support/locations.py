@@ -17,9 +17,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aioboto3
+import msgpack
 from aiobotocore.config import AioConfig
 
-from asyncckpt import MultiNodeCheckpointManager
+from asyncckpt import MultiNodeCheckpointManager, codec
 from asyncckpt.storage import Storage, storage_for
 
 
@@ -99,9 +100,16 @@ class RawStorages:
             return [info.key async for info in storage.list()]
 
     async def read_manifest(self, location: Any, epoch: int) -> dict[str, Any]:
-        """The committed manifest of ``epoch`` as plain JSON."""
+        """The committed manifest of ``epoch`` as plain JSON (DESIGN.md, "Layout"), with the
+        records of its index under ``"nodes"`` and, in each, the blob index of its shard."""
         async with self.open(location) as storage:
-            return json.loads(await storage.get(f"epochs/{epoch:012d}/manifest.json"))
+            manifest = json.loads(await storage.get(f"epochs/{epoch:012d}/manifest.json"))
+            index = json.loads(await storage.get(manifest["index"]["key"]))
+            for node, record in index["nodes"].items():
+                shard = await storage.get(record["shard"])
+                offset, length, _ = codec.parse_trailer(shard[-codec.TRAILER_SIZE :], len(shard), node)
+                record["blobs"] = msgpack.unpackb(shard[offset : offset + length])
+            return {**manifest, "nodes": index["nodes"]}
 
     async def delete_object(self, location: Any, url: str) -> None:
         async with self.open(location) as storage:

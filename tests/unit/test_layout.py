@@ -12,6 +12,7 @@ from asyncckpt.layout import (
     decision_key,
     epoch_dir,
     epoch_of_key,
+    index_key,
     manifest_key,
     parse_epoch_dir,
     parse_receipt_key,
@@ -21,11 +22,8 @@ from asyncckpt.layout import (
     validate_epoch,
     validate_node_name,
     validate_run_id,
+    writer_of_key,
 )
-
-#: Names matched with ``re.match(r"^...$")`` let a trailing newline through (``$`` matches
-#: before it); the full-string check is issue 9's fix.
-TRAILING_NEWLINE = pytest.mark.xfail(strict=True, reason="issue 9: names matched with $")
 
 EPOCHS = [0, 1, 9, 10, 99, 100, 12345, 10**9, MAX_EPOCH]
 
@@ -53,7 +51,7 @@ def test_a_valid_node_name_is_returned_as_is(name: str) -> None:
         "\nleading",
         "ümlaut",
         "a\\b",
-        pytest.param("ok\n", marks=TRAILING_NEWLINE),
+        "ok\n",
     ],
 )
 def test_an_invalid_node_name_is_value_error(name: str) -> None:
@@ -95,7 +93,7 @@ def test_a_valid_run_id_is_returned_as_is(run_id: str) -> None:
 
 @pytest.mark.parametrize(
     "run_id",
-    ["", "a" * 65, "has/slash", "a.b", "sp ace", 7, None, pytest.param("job\n", marks=TRAILING_NEWLINE)],
+    ["", "a" * 65, "has/slash", "a.b", "sp ace", 7, None, "job\n"],
 )
 def test_an_invalid_run_id_is_value_error(run_id: Any) -> None:
     with pytest.raises(ValueError, match="invalid run id"):
@@ -112,19 +110,31 @@ def test_every_key_of_an_epoch_lies_in_its_directory_and_parses_back_to_it(epoch
     assert parse_epoch_dir(directory.split("/")[1]) == epoch
     for key in (
         manifest_key(epoch),
-        shard_key(epoch, "run0.token1", "trainer_0"),
-        receipt_key(epoch, "run0.token1", "trainer_0"),
-        decision_key(epoch, "run0"),
+        shard_key(epoch, "run0.0a1b2c", "trainer_0"),
+        shard_key(epoch, "run0", "trainer_0", "0a1b2c"),
+        receipt_key(epoch, "run0", "0a1b2c", "trainer_0"),
+        index_key(epoch, "run0.0a1b2c"),
+        decision_key(epoch, "run0.0a1b2c"),
     ):
         assert key.startswith(directory), key
         assert epoch_of_key(key) == epoch, key
 
 
-def test_a_receipt_key_parses_back_to_its_writer_and_node() -> None:
-    key = receipt_key(7, "run0.token1", "trainer.0")
-    assert parse_receipt_key(key) == ("run0.token1", "trainer.0")
-    for not_a_receipt in (manifest_key(7), shard_key(7, "run0.token1", "trainer.0"), "epochs/x.receipt.json"):
+def test_a_receipt_key_parses_back_to_its_writer_token_and_node() -> None:
+    key = receipt_key(7, "run0", "0a1b2c", "trainer.0")
+    assert parse_receipt_key(key) == ("run0", "0a1b2c", "trainer.0")
+    for not_a_receipt in (manifest_key(7), shard_key(7, "run0", "trainer.0", "0a1b2c"), "epochs/x.receipt.json"):
         assert parse_receipt_key(not_a_receipt) is None, not_a_receipt
+
+
+@pytest.mark.parametrize("writer", ["run0.0a1b2c", "run0"])
+def test_every_object_of_a_writer_names_its_writer(writer: str) -> None:
+    """gc claims a writer by the name its objects carry: decision, index, shards, receipts."""
+    keys = [decision_key(7, writer), index_key(7, writer), shard_key(7, writer, "n"), shard_key(7, writer, "n", "ff")]
+    keys.append(receipt_key(7, writer, "ff", "n"))
+    assert {writer_of_key(key) for key in keys} == {writer}
+    for no_writer in (manifest_key(7), "epochs/000000000007/stray", "epochs/000000000007/a b/x", "other/w/x"):
+        assert writer_of_key(no_writer) is None, no_writer
 
 
 @pytest.mark.parametrize(
@@ -143,7 +153,7 @@ def test_a_key_outside_any_epochs_directory_has_no_epoch(key: str) -> None:
         "0000000000012",
         "00000000001a",
         "-00000000001",
-        pytest.param("000000000001\n", marks=TRAILING_NEWLINE),
+        "000000000001\n",
     ],
 )
 def test_a_name_that_is_not_twelve_digits_is_no_epoch_directory(name: str) -> None:

@@ -7,6 +7,7 @@ blob is at fault) the blob; a missing shard is :class:`CheckpointNotFoundError`.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ NODE = "trainer_0"
 EPOCH = 3
 WRITER = "run0.0a1b2c"
 SHARD = shard_key(EPOCH, WRITER, NODE)
-RECEIPT = receipt_key(EPOCH, WRITER, NODE)
+RECEIPT = receipt_key(EPOCH, WRITER, "tok", NODE)
 #: Small ranges: a shard is fetched in several ranged reads.
 SMALL_RANGES = TransferConfig(range_size=4096)
 
@@ -53,7 +54,14 @@ async def storage() -> AsyncIterator[MemoryStorage]:
 
 async def write_shard(storage: MemoryStorage, blobs: dict[str, Any]) -> NodeRecord:
     writer = ShardWriter(storage, NODE, ByteBudget(64 * MiB))
-    return await writer.write(SHARD, RECEIPT, codec.encode_blobs(NODE, blobs), epoch=EPOCH, writer_id=WRITER)
+    return await writer.write(SHARD, codec.encode_blobs(NODE, blobs), receipt=(RECEIPT, EPOCH, WRITER))
+
+
+async def read_some(reader: ShardReader, names: list[str]) -> dict[str, Any]:
+    """As a partial load reads: the shard's size, its blob index from its tail, the blobs."""
+    await reader.check_size()
+    index = await reader.read_index()
+    return await reader.read_some({name: index[name] for name in names})
 
 
 def reader(storage: MemoryStorage, record: NodeRecord, node: str = NODE) -> ShardReader:
@@ -77,18 +85,19 @@ async def test_a_written_shard_reads_back_whole_with_a_record_that_describes_it(
     assert (record.node, record.shard, record.receipt) == (NODE, SHARD, RECEIPT)
     assert record.size == len(stored)
     assert record.crc32c == codec.checksum(stored)
-    assert sorted(record.blobs) == sorted(blobs)
-    assert await storage.exists(RECEIPT)
-    reader(storage, record).check_size(len(stored))
+    assert sorted(await reader(storage, record).read_index()) == sorted(blobs)
+    epoch, writer, receipt = NodeRecord.from_receipt(await storage.get(RECEIPT), "receipt")
+    assert (epoch, writer, dataclasses.replace(receipt, stats=record.stats)) == (EPOCH, WRITER, record)
+    await reader(storage, record).check_size()
     assert_same(await reader(storage, record).read_all(), blobs)
 
 
 async def test_some_blobs_read_back_alone(storage: MemoryStorage) -> None:
     blobs = sample_blobs()
     record = await write_shard(storage, blobs)
-    some = await reader(storage, record).read_some(["weights", "step", "fortran"])
+    some = await read_some(reader(storage, record), ["weights", "step", "fortran"])
     assert_same(some, {name: blobs[name] for name in ("weights", "step", "fortran")})
-    assert await reader(storage, record).read_some([]) == {}
+    assert await reader(storage, record).read_some({}) == {}
 
 
 async def test_decode_of_the_stored_bytes_equals_read_all(storage: MemoryStorage) -> None:
@@ -104,7 +113,7 @@ async def test_decode_of_the_stored_bytes_equals_read_all(storage: MemoryStorage
 async def test_a_flipped_byte_is_corrupted_error_naming_node_blob_and_object(storage: MemoryStorage) -> None:
     blobs = sample_blobs()
     record = await write_shard(storage, blobs)
-    entry = record.blobs["weights"]
+    entry = (await reader(storage, record).read_index())["weights"]
 
     def flip(data: bytearray) -> bytearray:
         data[entry.offset + entry.length // 2] ^= 0x01
@@ -117,12 +126,12 @@ async def test_a_flipped_byte_is_corrupted_error_naming_node_blob_and_object(sto
     with pytest.raises(CheckpointCorruptedError) as decoded:
         reader(storage, record).decode(memoryview(bytearray(damaged)))
     with pytest.raises(CheckpointCorruptedError) as one:
-        await reader(storage, record).read_some(["weights"])
+        await read_some(reader(storage, record), ["weights"])
     for info in (whole, decoded, one):
         message = str(info.value)
         assert repr(NODE) in message and repr("weights") in message and url in message, message
         assert isinstance(info.value, ValueError)
-    assert_same(await reader(storage, record).read_some(["step"]), {"step": 12})  # its neighbours are intact
+    assert_same(await read_some(reader(storage, record), ["step"]), {"step": 12})  # its neighbours are intact
 
 
 async def test_a_truncated_shard_is_corrupted_error(storage: MemoryStorage) -> None:
@@ -131,9 +140,9 @@ async def test_a_truncated_shard_is_corrupted_error(storage: MemoryStorage) -> N
     with pytest.raises(CheckpointCorruptedError, match="truncated"):
         await reader(storage, record).read_all()
     with pytest.raises(CheckpointCorruptedError, match="truncated"):
-        await reader(storage, record).read_some(["weights"])
+        await read_some(reader(storage, record), ["weights"])
     with pytest.raises(CheckpointCorruptedError, match="truncated"):
-        reader(storage, record).check_size(len(truncated))
+        await reader(storage, record).read_index()  # without the size check first: the tail is short
     with pytest.raises(CheckpointCorruptedError):
         reader(storage, record).decode(memoryview(bytearray(truncated)))
 
@@ -149,6 +158,19 @@ async def test_another_nodes_shard_is_corrupted_error(storage: MemoryStorage) ->
     record = await write_shard(storage, sample_blobs())
     with pytest.raises(CheckpointCorruptedError, match=f"belongs to node {NODE!r}"):
         await reader(storage, record, node="trainer_1").read_all()
+    other = await write_shard(storage, {**sample_blobs(), "step": 13})  # same key and size, another index
+    with pytest.raises(CheckpointCorruptedError, match="blob index differs"):
+        await reader(storage, record).read_index()
+    assert other.index_crc32c != record.index_crc32c
+
+
+async def test_a_record_claiming_a_huge_shard_fails_before_any_allocation(storage: MemoryStorage) -> None:
+    """The size a record claims is checked against the object (a HEAD) before a buffer
+    of that size is made: a hostile record claiming 1 TiB is corruption, not MemoryError."""
+    record = await write_shard(storage, sample_blobs())
+    huge = dataclasses.replace(record, size=1 << 40)
+    with pytest.raises(CheckpointCorruptedError, match=f"{record.size} bytes, the manifest says {1 << 40}"):
+        await reader(storage, huge).read_all()
 
 
 async def test_a_missing_shard_is_not_found_naming_the_node(storage: MemoryStorage) -> None:
@@ -157,4 +179,4 @@ async def test_a_missing_shard_is_not_found_naming_the_node(storage: MemoryStora
     with pytest.raises(CheckpointNotFoundError, match=repr(NODE)):
         await reader(storage, record).read_all()
     with pytest.raises(CheckpointNotFoundError, match=repr(NODE)):
-        await reader(storage, record).read_some(["step"])
+        await read_some(reader(storage, record), ["step"])

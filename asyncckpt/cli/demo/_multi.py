@@ -44,7 +44,7 @@ from ._render import (
     DemoResult,
     TransferStats,
     facts_grid,
-    merge_load_reports,
+    merge_reports,
     print_check,
     print_commit_columns,
     print_commit_seen,
@@ -396,7 +396,7 @@ async def run_multiprocess_demo(
             resume = chosen[0]
             if resume != crash_after:
                 problems.append(f"get_resume_from_epoch_id() returned {resume}, expected {crash_after}")
-            load_stats = merge_load_reports([r["report"] for r in resumed])
+            load_stats = merge_reports([r["report"] for r in resumed])
             facts.add_row("resume epoch", f"{resume} (the latest committed; every process agrees)")
             facts.add_row(
                 "load",

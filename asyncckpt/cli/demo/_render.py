@@ -23,7 +23,7 @@ __all__ = [
     "add_epoch_row",
     "epoch_table",
     "facts_grid",
-    "merge_load_reports",
+    "merge_reports",
     "print_check",
     "print_commit_columns",
     "print_commit_seen",
@@ -89,13 +89,14 @@ class DemoResult:
         return sum(s.bytes for s in self.saves)
 
 
-def merge_load_reports(reports: Sequence[Mapping[str, Any]]) -> TransferStats:
-    """The load of the whole job from every process's report: bytes added, the slowest process's time."""
+def merge_reports(reports: Sequence[Mapping[str, Any]]) -> TransferStats:
+    """A save or load of the whole job from every process's report (each covers the
+    nodes it holds): bytes added, the slowest process's time."""
     nodes: dict[str, Any] = {}
     for report in reports:
         nodes.update(report.get("nodes") or {})
     merged = {
-        "action": "checkpoint_load",
+        "action": reports[0]["action"],
         "epoch": reports[0]["epoch"],
         "seconds": max(float(r["seconds"]) for r in reports),
         "bytes": sum(int(r["bytes"]) for r in reports),
@@ -148,14 +149,18 @@ def print_ranks(console: Console, pids: Sequence[int], nodes: Sequence[Sequence[
 def print_commit_seen(
     console: Console, epoch: int, reports: Sequence[Mapping[str, Any]], names: Sequence[str], problems: list[str]
 ) -> TransferStats:
-    """Check every process's save report of ``epoch``, print the epoch's line (from rank 0's report)."""
+    """Check every process's save report of ``epoch`` (each covers the nodes that process
+    holds, together every node once), print the epoch's line from all of them."""
+    covered: list[str] = []
     for rank, report in enumerate(reports):
-        if report.get("epoch") != epoch or sorted(report.get("nodes") or {}) != sorted(names):
-            problems.append(
-                f"epoch {epoch}: rank {rank}'s save report is of epoch {report.get('epoch')} with nodes "
-                f"{sorted(report.get('nodes') or {})}, expected every node of the job"
-            )
-    stats = TransferStats.from_report(reports[0])
+        covered.extend(report.get("nodes") or {})
+        if report.get("epoch") != epoch:
+            problems.append(f"epoch {epoch}: rank {rank}'s save report is of epoch {report.get('epoch')}")
+    if sorted(covered) != sorted(names):
+        problems.append(
+            f"epoch {epoch}: the save reports cover nodes {sorted(covered)}, expected each of {sorted(names)} once"
+        )
+    stats = merge_reports(reports)
     slowest = f"{stats.slowest_node} ({stats.slowest_seconds:.3f} s)" if stats.slowest_node else "-"
     seen = f"seen by {len(reports)}/{len(reports)}"
     console.print(
@@ -168,7 +173,7 @@ def print_commit_seen(
 def print_commit_columns(console: Console, processes: int) -> None:
     """The column heads of :func:`print_commit_seen`'s lines."""
     width = len(f"committed, seen by {processes}/{processes}")
-    console.print("[dim]a line once every process saw the epoch committed; stats: rank 0's save report[/]")
+    console.print("[dim]a line once every process saw the epoch committed; stats: every process's save report[/]")
     console.print(
         f"  [bold cyan]{'epoch':>5}  {'commit':<{width}}  {'save s':>7}  {'MB':>7}  {'MB/s':>5}  slowest node[/]"
     )
