@@ -280,7 +280,18 @@ class EpochManifest:
         if version == 1:  # the index inline, with a blob index per node (the shards repeat it)
             index = EpochIndex(found, writer_id, _node_records(raw.get("nodes"), found, where))
             return cls(
-                found, writer_id, "", 0, 0, len(index.nodes), index.total_bytes, db_type, float(created), metrics, 1, index
+                found,
+                writer_id,
+                "",
+                0,
+                0,
+                len(index.nodes),
+                index.total_bytes,
+                db_type,
+                float(created),
+                metrics,
+                1,
+                index,
             )
         try:
             pointer = raw["index"]
