@@ -150,7 +150,8 @@ wait_for() { # wait_for WHAT SECONDS CMD...: run CMD every second until it succe
 launch() { # launch NAME BINARY ARGS...: a foreground daemon, in the background, its PID recorded
   local name=$1
   shift
-  nohup "$@" >"$LOG/$name.stdout" 2>&1 </dev/null &
+  # in a session of its own: a Ctrl-C or hang-up of the caller's terminal reaches only `stop`
+  setsid "$@" >"$LOG/$name.stdout" 2>&1 </dev/null &
   echo $! >"$PIDS/$name.pid"
   sleep 0.5
   ours "$name" >/dev/null || die "$name exited at once; see $LOG/$name.stdout and $LOG/"
