@@ -22,7 +22,7 @@ import pytest
 from asyncckpt import CheckpointConflictError, MultiNodeCheckpointManager, TransferConfig
 from asyncckpt.config import MiB
 from tests.support.asserts import assert_same
-from tests.support.faultproxy import FaultProxy, Hold, Request
+from tests.support.faultproxy import Exchange, FaultProxy, Hold, Request
 
 NODES = ("trainer_0", "trainer_1", "ps_0")
 WAIT = 30.0
@@ -76,6 +76,20 @@ def _put(suffix: str) -> Callable[[Request], bool]:
     return lambda r: r.method == "PUT" and "/epochs/000000000002/" in r.path and r.path.endswith(suffix)
 
 
+def _stored_shards(count: int) -> Callable[[list[Exchange]], bool]:
+    """At least ``count`` shards of epoch 2 were stored (answered 200)."""
+
+    def enough(log: list[Exchange]) -> bool:
+        shards = {e.path for e in log if e.method == "PUT" and e.status == 200 and _put(".shard")(_as_request(e))}
+        return len(shards) >= count
+
+    return enough
+
+
+def _as_request(e: Exchange) -> Request:
+    return Request(e.method, e.path, e.query, {})
+
+
 def _gc_claim(r: Request) -> bool:
     return r.method == "PUT" and r.path.endswith(".decision")
 
@@ -117,6 +131,9 @@ async def test_gc_while_a_save_is_paused_at_each_step(
         saving = asyncio.create_task(saver.save(2))
         try:
             assert await asyncio.to_thread(hold.arrived.wait, WAIT), f"the save never reached {pause}"
+            # the other shards are stored (gc sees the attempt), the held one is not
+            stored = _stored_shards(len(NODES) - 1 if pause == "a shard upload" else len(NODES))
+            assert await asyncio.to_thread(proxy.wait_for, stored, WAIT), "the other shards were never stored"
             report = await collector.gc(grace_period=0)
         finally:
             hold.release(forward=True)
