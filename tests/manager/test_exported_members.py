@@ -35,6 +35,7 @@ ASYNCCKPT = {
     "NodeRecord",
     "NodeStats",
     "ObjectTooShortError",
+    "Retention",
     "SaveHandle",
     "StorageError",
     "TransferConfig",
