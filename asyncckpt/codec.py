@@ -4,7 +4,10 @@ A *blob* is one named value of a node's workspace. Supported values:
 
 * numpy arrays of every numeric dtype (bool, ints, floats incl. float16, complex,
   datetime/timedelta, fixed-width bytes/unicode), any byte order, 0-d, empty,
-  C- or Fortran-ordered, contiguous or not (non-contiguous ones are copied);
+  C- or Fortran-ordered, contiguous or not (non-contiguous ones are copied); a
+  ``np.memmap`` is saved as its data and loads as a plain array. Other ndarray
+  subclasses (masked arrays, ``np.matrix``...) are refused: their extra state would
+  not survive;
 * numpy scalars; ``bytes`` (``bytearray``/``memoryview`` come back as ``bytes``);
 * ``str``, ``int`` (any size), ``float``, ``bool``, ``None``;
 * ``list``, ``tuple`` and ``dict`` with ``str`` keys, nested, holding any of the above.
@@ -51,6 +54,7 @@ __all__ = [
     "decode_blob",
     "encode_blob",
     "encode_blobs",
+    "is_plain_array",
     "shard_header",
     "shard_size_bound",
     "shard_trailer",
@@ -228,7 +232,19 @@ def _array_dtype(dtype_str: str) -> np.dtype[Any]:
     return dtype
 
 
+def is_plain_array(value: Any) -> bool:
+    """Whether ``value`` is an array whose data is all there is to it: a plain
+    ``np.ndarray`` or a ``np.memmap`` (whose file backing is no part of its value)."""
+    return type(value) is np.ndarray or type(value) is np.memmap
+
+
 def _check_array(arr: np.ndarray[Any, Any], path: str) -> None:
+    if not is_plain_array(arr):
+        # a subclass carries state beyond the data (a mask, matrix semantics...) that a
+        # load would silently drop: refuse it rather than return something else
+        if isinstance(arr, np.ma.MaskedArray):
+            raise _Unsupported(path, arr, ": masked arrays are not supported (save .data and .mask as two blobs)")
+        raise _Unsupported(path, arr, ": ndarray subclasses are not supported (save np.asarray(value))")
     if arr.dtype.kind not in _ARRAY_KINDS or arr.dtype.itemsize == 0 or arr.dtype.fields is not None:
         raise _Unsupported(path, arr, f" with dtype {arr.dtype}")
 

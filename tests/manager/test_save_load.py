@@ -158,6 +158,23 @@ async def test_an_unsupported_blob_raises_type_error_naming_node_and_blob_and_wr
     assert snapshot(fresh) == epoch0
 
 
+async def test_a_masked_array_is_refused_by_save_and_save_async_naming_node_and_blob_and_writes_nothing(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    workspaces = sample_workspaces()
+    workspaces["trainer_1"]["masked"] = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    async with manager(location) as mgr:
+        await mgr.init(workspaces)
+        for save in (mgr.save, mgr.save_async):  # save_async used to drop the mask silently
+            with pytest.raises(TypeError) as info:
+                await save(0)
+            message = str(info.value)
+            assert "trainer_1" in message and "'masked'" in message, save
+            assert "masked arrays are not supported" in message, save
+        assert await raw_storages.stored_keys(location) == []
+        assert await mgr.get_resume_from_epoch_id() is None
+
+
 async def test_load_after_deleted_shard_leaves_every_workspace_unchanged(
     location: Any, raw_storages: RawStorages
 ) -> None:

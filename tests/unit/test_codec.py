@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -305,11 +306,26 @@ def test_arrays_nested_in_containers_round_trip_and_are_writable(readonly: bool)
         array[...] = 0
 
 
+def test_memmap_round_trips_as_a_plain_array_of_its_data(tmp_path: Any) -> None:
+    mapped = np.memmap(tmp_path / "weights.bin", dtype=np.float32, mode="w+", shape=(3, 4))
+    mapped[:] = np.arange(12, dtype=np.float32).reshape(3, 4)
+    decoded = round_trip(mapped)
+    assert type(decoded) is np.ndarray
+    assert_same(decoded, np.asarray(mapped))
+    del mapped  # closes the mapping
+
+
 # --------------------------------------------------------------------------- unsupported values
 
 
 class _Custom:
     pass
+
+
+def _matrix() -> np.matrix[Any, Any]:
+    with warnings.catch_warnings():  # numpy discourages np.matrix: that is the point here
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.matrix([[1, 2], [3, 4]])
 
 
 def _cyclic_list() -> list[Any]:
@@ -327,6 +343,13 @@ UNSUPPORTED = {
     "structured dtype": (np.zeros(2, dtype=[("a", "i4"), ("b", "f8")]), "dtype"),
     "object dtype": (np.array([1, None], dtype=object), "dtype object"),
     "structured numpy scalar": (np.zeros(1, dtype=[("a", "i4")])[0], "dtype [('a', '<i4')]"),
+    "masked array": (
+        np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False]),
+        "numpy.ma.MaskedArray: masked arrays are not supported (save .data and .mask as two blobs)",
+    ),
+    "masked array without a mask": (np.ma.masked_array(np.arange(3)), "masked arrays are not supported"),
+    "matrix": (_matrix(), "numpy.matrix: ndarray subclasses are not supported"),
+    "record array": (np.rec.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]), "ndarray subclasses"),
 }
 
 
