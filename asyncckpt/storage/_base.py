@@ -83,15 +83,15 @@ class RequestStats:
     objects_written: int = 0
 
 
-_current_stats: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(
-    "asyncckpt_request_stats", default=None
+# every collector active in the current context, outermost first
+_active_stats: contextvars.ContextVar[tuple[RequestStats, ...]] = contextvars.ContextVar(
+    "asyncckpt_request_stats", default=()
 )
 
 
 def record_request(*, retries: int = 0, sent: int = 0, received: int = 0, objects_written: int = 0) -> None:
-    """Count one request against the stats collector of the current context, if any."""
-    stats = _current_stats.get()
-    if stats is not None:
+    """Count one request against every stats collector active in the current context."""
+    for stats in _active_stats.get():
         stats.requests += 1
         stats.retries += retries
         stats.bytes_sent += sent
@@ -100,19 +100,24 @@ def record_request(*, retries: int = 0, sent: int = 0, received: int = 0, object
 
 
 class collect_request_stats:
-    """Context manager: requests made inside it (and in tasks it spawns) are counted."""
+    """Context manager: requests made inside it (and in tasks it spawns) are counted.
+
+    Collectors nest: a request counts in every collector it is made inside of, so an
+    outer one sees the requests of inner ones (the library's own per-node collectors
+    included).
+    """
 
     def __init__(self) -> None:
         self.stats = RequestStats()
-        self._token: contextvars.Token[RequestStats | None] | None = None
+        self._token: contextvars.Token[tuple[RequestStats, ...]] | None = None
 
     def __enter__(self) -> RequestStats:
-        self._token = _current_stats.set(self.stats)
+        self._token = _active_stats.set((*_active_stats.get(), self.stats))
         return self.stats
 
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
-        _current_stats.reset(self._token)
+        _active_stats.reset(self._token)
 
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._\-/]+$")
