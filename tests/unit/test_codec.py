@@ -444,6 +444,39 @@ def assemble_shard(node: str, blobs: dict[str, Any]) -> tuple[bytes, dict[str, B
     return b"".join(parts), index
 
 
+def test_index_packed_blob_by_blob_is_the_index_of_the_whole_map_and_within_the_size_bound() -> None:
+    header = codec.shard_header(NODE)
+    encoded = codec.encode_blobs(NODE, SHARD_BLOBS)
+    index = codec.ShardIndex(len(encoded))
+    whole: dict[str, BlobEntry] = {}
+    offset = len(header)
+    for blob in encoded:
+        crc = codec.checksum(blob.payload)
+        index.add(blob, offset, crc)
+        whole[blob.name] = blob.entry(offset, crc)
+        offset += blob.length
+    trailer, index_crc = index.trailer(offset)
+    assert bytes(trailer) == codec.shard_trailer(whole, offset)
+    assert index_crc == codec.checksum(memoryview(trailer)[: -codec.TRAILER_SIZE])
+    size = offset + len(trailer)
+    assert size <= codec.shard_size_bound(header, encoded) <= size + 4 * len(encoded)  # CRCs packed widest
+
+
+def test_encoded_blob_derives_payload_length_dtype_and_shape_from_its_source() -> None:
+    fortran = np.asfortranarray(np.arange(6, dtype=">i4").reshape(2, 3))
+    (blob,) = codec.encode_blobs(NODE, {"f": fortran})
+    assert (blob.encoding, blob.length, blob.dtype, blob.shape, blob.order) == ("ndarray", 24, ">i4", (2, 3), "F")
+    assert blob.payload.nbytes == 24 and np.shares_memory(np.frombuffer(blob.payload, dtype=np.uint8), fortran)
+    (raw,) = codec.encode_blobs(NODE, {"r": memoryview(np.arange(4, dtype=np.int16))})
+    assert (raw.encoding, raw.length, raw.dtype, raw.shape, bytes(raw.payload)) == (
+        "bytes",
+        8,
+        None,
+        None,
+        np.arange(4, dtype=np.int16).tobytes(),
+    )
+
+
 def test_assembled_shard_parses_back_to_its_blobs() -> None:
     data, index = assemble_shard(NODE, SHARD_BLOBS)
     view = memoryview(bytearray(data))
