@@ -89,6 +89,6 @@ def test_quick_scale_bench_reports_every_section_and_target_as_json(tmp_path: Pa
     memory = data["memory"]["rows"]
     assert len(memory) == 3 and all(r["status"] == "ok" and r["extra_rss_mib"] >= 0 for r in memory), memory
     targets = data["targets"]
-    assert len(targets) == 11
+    assert len(targets) == 13
     assert all(t["met"] in (True, False) for t in targets), targets
     assert "| target | measured | limit | status |" in data["markdown"]

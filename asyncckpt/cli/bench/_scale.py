@@ -54,6 +54,9 @@ from ._scale_sizes import DEFAULT_SCALE_BUDGET_S, DEFAULT_SCALE_OP_TIMEOUT_S, FU
 __all__ = ["run_scale"]
 
 CHILD_MODULE = "asyncckpt.cli.bench._scale_ops"
+#: The requests of a multi-process commit that wait rather than write or read a record:
+#: the other processes' reads of the absent decision, the committer's listings of receipts.
+POLL_KINDS = ("GET decision (absent)", "LIST writer")
 BUCKET = "asyncckpt-bench-scale"
 
 
@@ -84,7 +87,7 @@ class _Runner:
         return ScaleJob(op, self.s3.endpoint_url, BUCKET, prefix, self.s3.pid, str(self.s3.log_path), args)
 
     async def spawn(self, job: ScaleJob, *, interactive: bool = False) -> asyncio.subprocess.Process:
-        stderr = open(self.workdir / f"{job.op}-{job.prefix}-{time.monotonic_ns()}.err", "wb")  # noqa: ASYNC230, SIM115
+        stderr = await asyncio.to_thread(open, self.workdir / f"{job.op}-{job.prefix}-{time.monotonic_ns()}.err", "wb")
         try:
             return await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -327,10 +330,13 @@ async def _run_job(runner: _Runner, prefix: str, processes: int, epochs: int) ->
         for kind, n in p["by_kind"].items():
             kinds[kind] = kinds.get(kind, 0) + n / epochs
     walls = [e["wall_s"] for r in results for e in r["per_epoch"]]
+    polls = sum(n for kind, n in kinds.items() if kind in POLL_KINDS)
     row.update(
         status="ok",
         requests_per_epoch=total / epochs,
         requests_per_epoch_per_process=total / epochs / processes,
+        poll_requests_per_epoch=polls,
+        other_requests_per_epoch=total / epochs - polls,
         response_bytes_per_epoch=sum(p["response_bytes"] for p in per_epoch) / epochs,
         outside_epochs=len(requests) - total,
         by_kind_per_epoch=dict(sorted(kinds.items())),
@@ -358,8 +364,9 @@ def _job_line(row: Mapping[str, Any]) -> str:
     if row.get("status") != "ok":
         return f"{head} {row.get('status')}: {row.get('error')}"
     return (
-        f"{head} {row['requests_per_epoch']:.1f} requests/epoch, {row['requests_per_epoch_per_process']:.2f} "
-        f"per process; {row['response_bytes_per_epoch']:.0f} response B/epoch; save {row['save_wall_s_median']:.2f} s"
+        f"{head} {row['requests_per_epoch']:.1f} requests/epoch ({row['poll_requests_per_epoch']:.1f} polls), "
+        f"{row['requests_per_epoch_per_process']:.2f} per process; {row['response_bytes_per_epoch']:.0f} response "
+        f"B/epoch; save {row['save_wall_s_median']:.2f} s"
     )
 
 

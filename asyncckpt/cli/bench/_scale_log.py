@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from asyncckpt import layout
@@ -109,7 +110,7 @@ def request_kind(request: LoggedRequest) -> str:
     return f"{request.method} {what}{absent}"
 
 
-def summarize_requests(requests: Iterable[LoggedRequest]) -> dict[str, object]:
+def summarize_requests(requests: Iterable[LoggedRequest]) -> dict[str, Any]:
     """Totals of some requests: how many, by kind, and the bytes of their response bodies."""
     requests = list(requests)
     return {

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -303,7 +303,7 @@ async def op_memory_save(job: ScaleJob) -> dict[str, Any]:
     return {"state_bytes": state_bytes, "max_bytes_in_flight": config.max_bytes_in_flight, **measured(job, meter)}
 
 
-SCALE_OPS: Mapping[str, Callable[[ScaleJob], Awaitable[dict[str, Any]]]] = {
+SCALE_OPS: Mapping[str, Callable[[ScaleJob], Coroutine[Any, Any, dict[str, Any]]]] = {
     "commit": op_commit,
     "resume": op_resume,
     "job_worker": op_job_worker,
