@@ -82,14 +82,18 @@ class _Runner:
 
     def __init__(self, s3: SubprocessS3Server, admin: Any, workdir: Path, budget: _Budget, console: Console):
         self.s3, self.admin, self.workdir, self.budget, self.console = s3, admin, workdir, budget, console
+        self._stderr: dict[int, Path] = {}
 
     def job(self, op: str, prefix: str, **args: Any) -> ScaleJob:
         return ScaleJob(op, self.s3.endpoint_url, BUCKET, prefix, self.s3.pid, str(self.s3.log_path), args)
 
     async def spawn(self, job: ScaleJob, *, interactive: bool = False) -> asyncio.subprocess.Process:
-        stderr = await asyncio.to_thread(open, self.workdir / f"{job.op}-{job.prefix}-{time.monotonic_ns()}.err", "wb")
+        """Start one child (its stdin a pipe when ``interactive``); its stderr goes to
+        the run's work directory (see :meth:`result_of`)."""
+        path = self.workdir / f"{job.op}-{time.monotonic_ns()}.err"
+        stderr = await asyncio.to_thread(open, path, "wb")
         try:
-            return await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 CHILD_MODULE,
@@ -101,6 +105,8 @@ class _Runner:
             )
         finally:
             stderr.close()  # the child has its own copy
+        self._stderr[proc.pid] = path
+        return proc
 
     async def run(self, job: ScaleJob) -> dict[str, Any]:
         """One child to its end: its JSON result (``status`` says how it went)."""
@@ -115,7 +121,22 @@ class _Runner:
             return {"op": job.op, "status": "timeout", "error": f"no result within {timeout:.0f} s"}
         finally:
             await _reap(proc)
-        return _result_of(job, stdout, proc.returncode)
+        return await self.result_of(job, stdout, proc)
+
+    async def result_of(self, job: ScaleJob, stdout: bytes, proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        """The child's JSON line; without one, an error with the end of its stderr."""
+        for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
+            with contextlib.suppress(ValueError):
+                candidate = json.loads(line)
+                if isinstance(candidate, dict) and "op" in candidate:
+                    return candidate
+        errors = await asyncio.to_thread(self._stderr_tail, proc.pid)
+        return {"op": job.op, "status": "error", "error": f"exit {proc.returncode} without a result: {errors}"}
+
+    def _stderr_tail(self, pid: int) -> str:
+        path = self._stderr.get(pid)
+        text = path.read_text(errors="replace") if path is not None and path.exists() else ""
+        return " | ".join(text.strip().splitlines()[-3:])
 
     async def clear(self, prefix: str) -> None:
         """Delete a section's objects, so that the server's memory stays flat."""
@@ -130,15 +151,6 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.kill()  # our own child, by its PID
         await proc.wait()
-
-
-def _result_of(job: ScaleJob, stdout: bytes, returncode: int | None) -> dict[str, Any]:
-    for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
-        with contextlib.suppress(ValueError):
-            candidate = json.loads(line)
-            if isinstance(candidate, dict) and "op" in candidate:
-                return candidate
-    return {"op": job.op, "status": "error", "error": f"exit {returncode} without a result"}
 
 
 async def run_scale(
@@ -316,7 +328,7 @@ async def _run_job(runner: _Runner, prefix: str, processes: int, epochs: int) ->
     finally:
         for proc in procs:
             await _reap(proc)
-    results = [_result_of(job, out.result()[0], proc.returncode) for job, out, proc in zip(jobs, outputs, procs)]
+    results = [await runner.result_of(job, out.result()[0], proc) for job, out, proc in zip(jobs, outputs, procs)]
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
         return {**row, "status": failed[0].get("status"), "error": failed[0].get("error")}
