@@ -295,7 +295,7 @@ def section_tables(result: Mapping[str, Any]) -> list[tuple[str, list[str], list
         tables.append((title, cols, rows))
     partial = result.get("partial") or {}
     if partial:
-        cols = ["operation", "blobs", "wall s", "ms/blob", "client CPU s", "requests", "response MB"]
+        cols = ["operation", "blobs", "wall s", "ms/blob", "client CPU s", "moto CPU s", "requests", "response MB"]
         rows = []
         for r in partial.get("rows", []):
             label = "load (all)" if r["op"] == "full_load" else "load_blobs_locally"
@@ -311,11 +311,15 @@ def section_tables(result: Mapping[str, Any]) -> list[tuple[str, list[str], list
                     _fmt(r["wall_s"]),
                     _fmt(r["wall_ms_per_blob"], ".4f"),
                     _fmt(r["cpu_s"], ".2f"),
+                    _fmt(r["server_cpu_s"], ".2f"),
                     _fmt(r["requests"], ".0f"),
                     _fmt(r["response_bytes"] / 1e6, ".1f"),
                 ]
             )
-        title = f"3. partial loads: one node of {partial['blobs']} blobs of {partial['blob_bytes']} B"
+        title = (
+            f"3. partial loads: one node of {partial['blobs']} blobs of {partial['blob_bytes']} B "
+            "(k blobs spread evenly; medians)"
+        )
         tables.append((title, cols, rows))
     memory = result.get("memory") or {}
     if memory:

@@ -41,7 +41,7 @@ FULL = ScaleSizes(
     partial_blobs=8000,
     partial_blob_elements=1024,
     partial_ks=(1000, 2000, 4000),
-    partial_reps=3,
+    partial_reps=5,
     memory_mib=(64, 256, 1024),
     memory_tiny_blobs=100_000,
 )
