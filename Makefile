@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/asyncckpt bench
 
-# issue 9's counts and ratios at scale (1024 nodes, 32 processes, 1 GiB): about 5 minutes
+# issue 9's counts and ratios at scale (1024 nodes, 32 processes, 1 GiB): 2-5 minutes
 .PHONY: bench-scale
 bench-scale: $(BIN)/.installed
 	mkdir -p bench-results
