@@ -47,7 +47,7 @@ from .errors import (
 from .manifest import Decision, EpochIndex, EpochManifest, NodeRecord, read_manifest
 from .storage import Storage
 
-__all__ = ["JobCommit", "decide", "publish_manifest", "read_decision", "stage_commit"]
+__all__ = ["JobCommit", "decide", "decide_commit", "publish_manifest", "read_decision", "refused", "stage_commit"]
 
 _POLL_FIRST = 0.02
 _POLL_MAX = 0.25
@@ -66,6 +66,14 @@ async def decide(storage: Storage, decision: Decision) -> Decision:
                 f"the decision of writer {decision.writer_id} on epoch {decision.epoch} vanished while it was read"
             ) from None
         return standing
+
+
+async def decide_commit(storage: Storage, manifest: EpochManifest) -> None:
+    """Decide to commit ``manifest`` (its writer's verdict, create-only); an attempt that
+    gc claimed first raises :class:`CheckpointConflictError` saying so."""
+    standing = await decide(storage, Decision(manifest.epoch, manifest.writer_id, "commit", manifest))
+    if standing.manifest is None:
+        raise refused(standing)
 
 
 async def read_decision(storage: Storage, epoch: int, writer_id: str) -> Decision | None:

@@ -14,7 +14,14 @@ from .errors import CheckpointConflictError, CheckpointCorruptedError, Checkpoin
 from .manifest import Decision, EpochManifest, manifest_or_none, read_index, read_manifest
 from .storage import ObjectInfo, Storage
 
-__all__ = ["GcReport", "collect_garbage", "committed_manifests", "epoch_dirs", "latest_committed_epoch"]
+__all__ = [
+    "GcReport",
+    "collect_garbage",
+    "committed_manifests",
+    "epoch_dirs",
+    "epoch_is_intact",
+    "latest_committed_epoch",
+]
 
 log = logging.getLogger("asyncckpt")
 
@@ -49,6 +56,15 @@ async def latest_committed_epoch(storage: Storage) -> int | None:
         if await manifest_or_none(storage, epoch) is not None:
             return epoch
     return None
+
+
+async def epoch_is_intact(storage: Storage, epoch: int, max_concurrency: int) -> bool:
+    """``epoch`` is committed and every shard its index names is there with its recorded
+    size (HEADs). A missing or damaged manifest or index raises as reading them does."""
+    index = await read_index(storage, await read_manifest(storage, epoch))
+    records = list(index.nodes.values())
+    infos = await run_all((storage.head(r.shard) for r in records), max_concurrency)
+    return all(info is not None and info.size == r.size for info, r in zip(infos, records))
 
 
 async def committed_manifests(storage: Storage, max_concurrency: int) -> list[EpochManifest]:

@@ -1,11 +1,12 @@
 """``MultiNodeCheckpointManager``: caffe2's multi-node checkpoint manager, on asyncio.
 
 The manager keeps caffe2's surface and delegates: :mod:`.staging` encodes workspaces
-and runs background saves, :mod:`.node` writes and reads one node's shard,
-:mod:`.commit` commits an epoch (create-only manifest, multi-process agreement),
-:mod:`.housekeeping` lists epochs and collects garbage, :mod:`.handler` calls the
-user's metadata handler and :mod:`.stats` keeps the reports. What is left here is the
-order of things: which nodes, which epoch, which storage, all or nothing.
+and runs background saves, :mod:`.attempt` uploads one save attempt, :mod:`.commit`
+commits it (create-only decision and manifest, the multi-process agreement),
+:mod:`.transfer` moves every node's shard at once, :mod:`.housekeeping` lists epochs
+and collects garbage, :mod:`.handler` calls the user's metadata handler and
+:mod:`.stats` keeps the reports. What is left here is the order of things: which
+nodes, which epoch, which storage, all or nothing.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import layout
-from ._tasks import run_all, shielded
-from .commit import JobCommit, decide, publish_manifest, refused, stage_commit
+from .attempt import SaveAttempt
+from .commit import decide_commit, publish_manifest
 from .config import TransferConfig
 from .errors import (
     CheckpointConflictError,
@@ -28,14 +29,13 @@ from .errors import (
     CheckpointStateError,
 )
 from .handler import HandlerCalls, MetadataHandler
-from .housekeeping import GcReport, collect_garbage, committed_manifests, latest_committed_epoch
-from .manifest import Decision, EpochIndex, EpochManifest, NodeRecord, read_index, read_manifest
-from .node import ShardReader
+from .housekeeping import GcReport, collect_garbage, committed_manifests, epoch_is_intact, latest_committed_epoch
+from .manifest import EpochIndex, EpochManifest, read_index, read_manifest
 from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces
 from .stats import StatsBook
-from .storage import PATH_TYPES, ByteBudget, Storage, parse_location, storage_for
-from .transfer import discard, load_partial, read_nodes, upload_nodes
-from .workspaces import Workspaces, job_workspaces, normalize_nodes
+from .storage import PATH_TYPES, ByteBudget, Storage, reader_for, storage_for
+from .transfer import load_partial, load_whole
+from .workspaces import Workspaces, job_workspaces, normalize_nodes, partial_request
 
 __all__ = ["MultiNodeCheckpointManager"]
 
@@ -212,12 +212,7 @@ class MultiNodeCheckpointManager:
             raise ValueError(f"unknown path_type {path_type!r}; expected one of {PATH_TYPES}")
         read_storage = self._read_storage
         if new_prefix and (new_prefix != self._path_prefix or new_type != self._path_type):
-            kind = parse_location(new_prefix, new_type)[0]
-            same_kind = kind == self._storage.kind
-            options = self._storage_options if same_kind else {}
-            read_storage = storage_for(new_prefix, new_type, options=options, config=self._config)
-            if read_storage.url == self._storage.url and same_kind:
-                read_storage = None
+            read_storage = reader_for(self._storage, new_prefix, new_type, self._storage_options, self._config)
         self._node_names = names
         self._path_prefix, self._path_type = new_prefix, new_type
         self._read_storage = read_storage
@@ -324,71 +319,20 @@ class MultiNodeCheckpointManager:
         token = layout.attempt_token(self._token_seed, epoch, state.attempts)
         state.attempts += 1  # every attempt gets fresh keys
         started = time.perf_counter()
-        alone = len(encoded) == len(self.nodes)
-        if alone:
-            records, staged = await self._upload_alone(epoch, token, encoded)
-        else:
-            records, staged = await self._upload_in_job(epoch, token, encoded, started)
-        state.staged, state.decided = staged, not alone
+        attempt = SaveAttempt(
+            self._storage, self._budget, self._config, self._db_type, self._run_id, self.nodes, epoch, token
+        )
+        staged = await attempt.upload(encoded)
+        state.staged, state.decided = staged.manifest, staged.decided
         try:
             await self.write_checkpoint_metadata(epoch)
-        except CheckpointConflictError:
-            # another writer won, or gc claimed the attempt: nothing will ever name our objects
-            if alone:  # (a job's objects are gc's: other processes may still read them)
-                keys = [*EpochIndex(epoch, staged.writer_id, records).keys, staged.index]
-                if state.decided:  # we lost the manifest: our verdict names nothing ever again
-                    keys.append(layout.decision_key(epoch, staged.writer_id))
-                await shielded(discard(self._storage, keys))
+        except CheckpointConflictError:  # another writer won, or gc claimed the attempt
+            await attempt.forget(replace(staged, decided=state.decided))
             raise
         finally:
             state.staged = None
-        index = EpochIndex(epoch, staged.writer_id, records)
-        self._remember(index, self._storage)
-        self._stats.record("checkpoint_save", index, time.perf_counter() - started, self._storage)
-
-    async def _upload_alone(
-        self, epoch: int, token: str, encoded: Encoded
-    ) -> tuple[dict[str, NodeRecord], EpochManifest]:
-        """Every node's shard and the index of this process's own writer; returns the
-        records and the manifest to commit."""
-        writer_id = layout.solo_writer_id(self._run_id, token)
-        limit = self._config.max_nodes_in_flight
-        records = await upload_nodes(self._storage, self._budget, epoch, writer_id, encoded, limit)
-        index = EpochIndex(epoch, writer_id, records)
-        try:
-            return records, await stage_commit(self._storage, index, self._db_type)
-        except BaseException:
-            await shielded(discard(self._storage, [*index.keys, layout.index_key(epoch, writer_id)]))
-            raise
-
-    async def _upload_in_job(
-        self, epoch: int, token: str, encoded: Encoded, started: float
-    ) -> tuple[dict[str, NodeRecord], EpochManifest]:
-        """This process's shards and receipts under the job's writer; returns the records
-        and the manifest the job decided to commit (:class:`JobCommit`)."""
-        timeout = self._config.commit_timeout
-        job = JobCommit(self._storage, epoch, self._run_id, token, self.nodes, started + timeout, timeout)
-
-        async def give_up(written: list[str]) -> None:
-            await self._give_up(job, written, list(encoded))
-
-        limit = self._config.max_nodes_in_flight
-        records = await upload_nodes(
-            self._storage, self._budget, epoch, job.writer_id, encoded, limit, token=token, cleanup=give_up
-        )
-        # From here on our receipts may be part of a commit: never delete them.
-        return records, await job.agree(records, self._db_type)
-
-    async def _give_up(self, job: JobCommit, written: list[str], nodes: list[str]) -> None:
-        """A process of a multi-process job failed to upload: the job aborts the epoch
-        (the other processes stop waiting), then this process removes its objects."""
-        try:
-            standing = await job.give_up(f"node(s) {nodes} failed to save in their process", nodes)
-        except CheckpointError as exc:
-            log.warning("could not record the abort of epoch %d: %s", job.epoch, exc)
-            return  # gc decides later; deleting now could pull objects out of a commit
-        if standing.verdict != "commit":
-            await discard(self._storage, written)
+        self._remember(staged.index, self._storage)
+        self._stats.record("checkpoint_save", staged.index, time.perf_counter() - started, self._storage)
 
     async def write_checkpoint_metadata(self, epoch: int) -> None:
         """Commit ``epoch``: decide and publish its manifest (both create-only), then tell
@@ -408,9 +352,7 @@ class MultiNodeCheckpointManager:
             raise CheckpointStateError(f"no saved shards of epoch {epoch} to commit; call save({epoch})")
         await self._ensure_open()
         if not state.decided:
-            standing = await decide(self._storage, Decision(epoch, manifest.writer_id, "commit", manifest))
-            if standing.manifest is None:
-                raise refused(standing)
+            await decide_commit(self._storage, manifest)
             state.decided = True
         await publish_manifest(self._storage, manifest)
         state.committed_here = True
@@ -436,13 +378,7 @@ class MultiNodeCheckpointManager:
         index = await read_index(storage, await read_manifest(storage, epoch))
         _check_nodes_present(index, list(workspaces))
 
-        async def read_node(node: str) -> tuple[dict[str, Any], int]:
-            record = index.nodes[node]
-            return await ShardReader(storage, node, record, self._config).read_all(), record.size
-
-        values, node_stats = await read_nodes(
-            f"load of epoch {epoch}", workspaces, read_node, self._config.max_nodes_in_flight
-        )
+        values, node_stats = await load_whole(storage, self._config, index, list(workspaces))
         for node, blobs in values.items():
             workspaces[node].update(blobs)
         self._remember(index, storage)
@@ -460,16 +396,8 @@ class MultiNodeCheckpointManager:
         leaving ``session`` untouched, when the epoch or a listed node's shard does not
         exist.
         """
-        node_names = list(normalize_nodes(nodes))
-        if isinstance(blob_names, (str, bytes)) or not isinstance(blob_names, Iterable):
-            raise TypeError("blob_names must be a sequence of blob names")
-        names = list(blob_names)
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"blob names must be non-empty str, got {name!r}")
+        node_names, names = partial_request(nodes, blob_names, session)
         layout.validate_epoch(epoch)
-        if not isinstance(session, MutableMapping):
-            raise TypeError(f"session must be a MutableMapping, got {type(session).__name__}")
         await self._ensure_open()
         started = time.perf_counter()
         storage = self._storage
@@ -544,11 +472,7 @@ class MultiNodeCheckpointManager:
             if epoch is None:
                 await self._storage.check_root()
             else:
-                storage = self._reader
-                index = await read_index(storage, await read_manifest(storage, epoch))
-                records = list(index.nodes.values())
-                infos = await run_all((storage.head(r.shard) for r in records), self._config.max_concurrency)
-                if any(info is None or info.size != r.size for info, r in zip(infos, records)):
+                if not await epoch_is_intact(self._reader, epoch, self._config.max_concurrency):
                     return False
             if self._handler is not None:
                 return await self._handler.cp_accessible(epoch)

@@ -21,7 +21,7 @@ from .manifest import EpochIndex, NodeRecord, NodeStats
 from .node import ShardReader, ShardWriter
 from .storage import ByteBudget, Storage, collect_request_stats
 
-__all__ = ["discard", "load_partial", "plan_partial_load", "read_nodes", "upload_nodes"]
+__all__ = ["discard", "load_partial", "load_whole", "plan_partial_load", "read_nodes", "upload_nodes"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -97,6 +97,19 @@ async def read_nodes(
     if failures:
         raise combine_node_failures(what, failures)
     return {n: values for n, (values, _) in results.items()}, {n: stats for n, (_, stats) in results.items()}
+
+
+async def load_whole(
+    storage: Storage, config: TransferConfig, index: EpochIndex, nodes: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, NodeStats]]:
+    """Every blob of every one of ``nodes``, verified, and per-node stats; one error
+    naming every failed node otherwise."""
+
+    async def read_node(node: str) -> tuple[dict[str, Any], int]:
+        record = index.nodes[node]
+        return await ShardReader(storage, node, record, config).read_all(), record.size
+
+    return await read_nodes(f"load of epoch {index.epoch}", nodes, read_node, config.max_nodes_in_flight)
 
 
 async def load_partial(

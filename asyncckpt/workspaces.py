@@ -7,7 +7,7 @@ from typing import Any
 
 from . import layout
 
-__all__ = ["Workspaces", "job_workspaces", "normalize_nodes"]
+__all__ = ["Workspaces", "job_workspaces", "normalize_nodes", "partial_request"]
 
 Workspaces = dict[str, MutableMapping[str, Any]]
 
@@ -55,3 +55,18 @@ def job_workspaces(nodes: Any, local_nodes: Any = None) -> tuple[Workspaces, Wor
     if isinstance(nodes, Mapping) and not isinstance(local_nodes, Mapping):
         local = {n: normalized[n] for n in local}
     return normalized, local
+
+
+def partial_request(nodes: Any, blob_names: Any, session: Any) -> tuple[list[str], list[str]]:
+    """``load_blobs_locally``'s arguments checked: (node names, blob names); bad ones raise
+    :class:`TypeError`/:class:`ValueError` before any I/O."""
+    node_names = list(normalize_nodes(nodes))
+    if isinstance(blob_names, (str, bytes)) or not isinstance(blob_names, Iterable):
+        raise TypeError("blob_names must be a sequence of blob names")
+    names = list(blob_names)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"blob names must be non-empty str, got {name!r}")
+    if not isinstance(session, MutableMapping):
+        raise TypeError(f"session must be a MutableMapping, got {type(session).__name__}")
+    return node_names, names

@@ -22,7 +22,7 @@ from ._base import (
     validate_key,
 )
 from ._local import LocalStorage
-from ._location import PATH_TYPES, parse_location, storage_for
+from ._location import PATH_TYPES, parse_location, reader_for, storage_for
 from ._memory import MemoryStorage, drop_memory_store
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ __all__ = [
     "collect_request_stats",
     "drop_memory_store",
     "parse_location",
+    "reader_for",
     "storage_for",
     "validate_key",
 ]

@@ -18,7 +18,7 @@ from ._memory import MemoryStorage
 if TYPE_CHECKING:
     from ..config import TransferConfig
 
-__all__ = ["PATH_TYPES", "parse_location", "storage_for"]
+__all__ = ["PATH_TYPES", "parse_location", "reader_for", "storage_for"]
 
 #: The location kinds, as a URL scheme or as ``path_type``.
 PATH_TYPES = ("s3", "file", "memory")
@@ -94,3 +94,18 @@ def storage_for(
     if kind == "memory":
         return MemoryStorage(where, prefix)
     return LocalStorage(where, fsync=bool(options.get("fsync", True)))
+
+
+def reader_for(
+    writes: Storage,
+    url: str,
+    path_type: str | None,
+    options: Mapping[str, Any] | None = None,
+    config: TransferConfig | None = None,
+) -> Storage | None:
+    """The storage to read from ``url`` beside ``writes`` (built, not opened), or ``None``
+    when it is the same location. ``options`` (those of ``writes``) carry over only to a
+    location of the same kind (the same S3 credentials and endpoint, say)."""
+    same_kind = parse_location(url, path_type)[0] == writes.kind
+    reads = storage_for(url, path_type, options=options if same_kind else None, config=config)
+    return None if same_kind and reads.url == writes.url else reads

@@ -57,6 +57,7 @@ STORAGE = {
     "collect_request_stats",
     "drop_memory_store",
     "parse_location",
+    "reader_for",
     "storage_for",
     "validate_key",
 }

@@ -7,6 +7,7 @@ wrote is checked either through the proxy or with a client/manager straight on m
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -254,12 +255,23 @@ async def test_wrong_credentials_never_leak_the_secret(
     s3_options: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A save whose requests are refused for their credentials fails with a StorageError
+    naming the failure, and the secret key appears in no error, traceback, repr or log.
+
+    ``all``: every request is signed with a key the server does not know. ``writes``: the
+    keys are valid, so reads pass on any server (a real one checks them on reads too), and
+    every write is refused as if its key were bad: the probe reads, each node's upload fails.
+    """
+    if scope == "all":
+        key_id, secret = "BADKEY", SECRET
+    else:
+        key_id, secret = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
     proxy = make_proxy()
     proxy.add_rule(
-        lambda r: r.access_key_id == "BADKEY" and (scope == "all" or r.method in ("PUT", "POST")),
+        lambda r: (r.access_key_id == "BADKEY") if scope == "all" else (r.method in ("PUT", "POST")),
         Respond(403, code, "The credentials you provided are not valid."),
     )
-    options = through(proxy, s3_options, aws_access_key_id="BADKEY", aws_secret_access_key=SECRET)
+    options = through(proxy, s3_options, aws_access_key_id=key_id, aws_secret_access_key=secret)
     caplog.set_level(logging.DEBUG, logger="asyncckpt")
     async with MultiNodeCheckpointManager(f"s3://{s3_bucket}/denied", storage_options=options) as mgr:
         await mgr.init(list(NODES))
@@ -286,7 +298,7 @@ async def test_wrong_credentials_never_leak_the_secret(
             texts += [str(cause), repr(cause), "".join(traceback.format_exception(cause))]
         texts += [record.getMessage() for record in caplog.records]
         for text in texts:
-            assert SECRET not in text
+            assert secret not in text
     assert proxy.requests > 0 and not any(e.status == 200 and e.method == "PUT" for e in proxy.log)
 
 
