@@ -11,8 +11,8 @@ the requests and response bytes come from the server's log (:mod:`._scale_log`).
 
 ``commit``
     N nodes x B tiny blobs in one process: encode, upload every shard
-    (:func:`asyncckpt.transfer.upload_nodes`, as ``save`` does), then the measured commit
-    with the real records: the index PUT, the create-only decision and the manifest
+    (:func:`asyncckpt.transfer.upload_nodes`, as ``save``'s attempt does), then the measured
+    commit with the real records: the index PUT, the create-only decision and the manifest
     (:mod:`asyncckpt.commit`, as ``save`` calls it). Repeated for each epoch.
 ``resume``
     a fresh manager: ``get_resume_from_epoch_id()``, then ``committed_epochs()``.
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import MiB, MultiNodeCheckpointManager, TransferConfig, layout
-from asyncckpt.commit import decide, publish_manifest, stage_commit
-from asyncckpt.manifest import Decision, EpochIndex
+from asyncckpt.commit import decide_commit, publish_manifest, stage_commit
+from asyncckpt.manifest import EpochIndex
 from asyncckpt.staging import encode_workspaces
 from asyncckpt.storage import ByteBudget, collect_request_stats, storage_for
 from asyncckpt.testing.s3_server import REGION
@@ -162,9 +162,7 @@ async def op_commit(job: ScaleJob) -> dict[str, Any]:
             commit = job.meter()
             commit.start()
             manifest = await stage_commit(storage, EpochIndex(epoch, writer_id, records), DB_TYPE)
-            standing = await decide(storage, Decision(epoch, writer_id, "commit", manifest))
-            if standing.manifest is None:
-                raise RuntimeError(f"epoch {epoch}: the commit was refused ({standing.verdict})")
+            await decide_commit(storage, manifest)
             await publish_manifest(storage, manifest)
             commit.stop()
             out["epochs"].append(
