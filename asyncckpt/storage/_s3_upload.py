@@ -11,15 +11,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._tasks import shielded
+from ..config import TransferConfig
 from ..errors import CheckpointError, StorageError
 from ._base import Buffer, ByteBudget, LeasedBuffer, ObjectInfo, ObjectWriter, PendingUpload
 
-if TYPE_CHECKING:
-    from ._s3 import S3Storage
+
+class UploadTarget(Protocol):
+    """What :class:`S3Writer` needs of its storage (``S3Storage``), and no more."""
+
+    config: TransferConfig
+    _budgets: weakref.WeakSet[ByteBudget]
+
+    def _key(self, key: str) -> str: ...
+
+    async def _call(self, op: str, key: str | None, *, sent: int = 0, written: int = 0, **kwargs: Any) -> Any: ...
+
+    def url_of(self, key: str) -> str: ...
+
+    async def put(self, key: str, data: Buffer, *, create_only: bool = False) -> None: ...
+
+    async def abort_pending_upload(self, upload: PendingUpload) -> None: ...
+
 
 __all__ = ["BufferBody", "S3Writer"]
 
@@ -37,7 +54,7 @@ class S3Writer(ObjectWriter):
     visible until :meth:`commit` completes the upload.
     """
 
-    def __init__(self, storage: S3Storage, key: str, budget: ByteBudget | None, size_hint: int | None = None):
+    def __init__(self, storage: UploadTarget, key: str, budget: ByteBudget | None, size_hint: int | None = None):
         self.key = key
         self._size_hint = size_hint
         self._absorbing = False  # the last part takes the small rest instead of a tiny extra part
