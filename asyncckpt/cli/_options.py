@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from asyncckpt import MiB, TransferConfig
+from asyncckpt import EpochManifest, MiB, TransferConfig
 from asyncckpt.storage import parse_location, storage_for
+
+from . import fail
 
 __all__ = [
     "Duration",
     "count",
     "endpoint_option",
+    "epoch_summary",
+    "existing_location_options",
     "format_bytes",
     "format_duration",
+    "format_metrics",
+    "format_time",
+    "json_option",
     "make_transfer_config",
     "node_names",
+    "print_json",
     "storage_options_for",
     "transfer_options",
     "validate_location",
@@ -99,6 +110,48 @@ def storage_options_for(url: str, endpoint_url: str | None) -> dict[str, Any]:
     return {"endpoint_url": endpoint_url}
 
 
+def existing_location_options(location: str, endpoint_url: str | None, command: str) -> dict[str, Any]:
+    """Check the LOCATION of a command that reads what is already there and return its
+    ``storage_options``; a bad one ends the command with one red line (exit 2).
+
+    Refused: a malformed location, ``memory://`` (it lives inside one process), and a
+    directory that does not exist or is a file, so that a mistyped path is an error and
+    never "no committed epoch". A missing bucket is found by the command's first
+    request (a :class:`~asyncckpt.StorageError` naming it).
+    """
+    try:
+        kind, where, _ = parse_location(location)
+        storage_for(location)  # bucket-name rules and the like
+    except ValueError as exc:
+        fail(f"invalid location: {exc}")
+    if kind == "memory":
+        fail(
+            f"{location}: a memory:// location lives inside one process; `asyncckpt {command}` needs s3:// or a directory"
+        )
+    if kind == "file":
+        path = Path(where).expanduser()
+        if not path.exists():
+            fail(f"{location}: no such directory")
+        if not path.is_dir():
+            fail(f"{location}: not a directory")
+    return storage_options_for(location, endpoint_url)
+
+
+def json_option(func: F) -> F:
+    """``--json``: print one JSON document on stdout instead of tables (see :func:`print_json`)."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print one JSON document on stdout (nothing else goes there; errors still go to stderr).",
+    )(func)
+
+
+def print_json(document: Any) -> None:
+    """Print ``document`` as the command's one JSON document on stdout."""
+    click.echo(json.dumps(document, indent=2, sort_keys=False))
+
+
 class Duration(click.ParamType[float]):
     """A duration, as seconds (``90``, ``2.5``) or with a unit: ``90s``, ``30m``, ``1h``, ``2d``."""
 
@@ -138,6 +191,30 @@ def format_bytes(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+def format_time(unix: float) -> str:
+    """Seconds since the epoch as UTC, to the second: ``"2025-01-31 12:00:00"``."""
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``{"loss": 0.31, "acc": 0.9}`` -> ``"acc=0.9 loss=0.31"`` (sorted by name)."""
+    return " ".join(f"{name}={value:g}" for name, value in sorted(metrics.items()))
+
+
+def epoch_summary(manifest: EpochManifest) -> dict[str, Any]:
+    """What the JSON of ``ls``, ``show`` and ``verify`` says of a committed epoch."""
+    return {
+        "epoch": manifest.epoch,
+        "nodes": manifest.node_count,
+        "bytes": manifest.total_bytes,
+        "created": datetime.fromtimestamp(manifest.created_unix, UTC).isoformat(timespec="milliseconds"),
+        "created_unix": manifest.created_unix,
+        "run_id": manifest.run_id,
+        "writer_id": manifest.writer_id,
+        "metrics": dict(manifest.metrics),
+    }
 
 
 def count(n: int, noun: str) -> str:

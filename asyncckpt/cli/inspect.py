@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import click
@@ -12,29 +11,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from asyncckpt import EpochManifest, GcReport, MultiNodeCheckpointManager
-from asyncckpt.storage import parse_location, storage_for
 
-from . import fail, run_coroutine
-from ._options import Duration, count, endpoint_option, format_bytes, format_duration, storage_options_for
+from . import run_coroutine
+from ._options import (
+    Duration,
+    count,
+    endpoint_option,
+    epoch_summary,
+    existing_location_options,
+    format_bytes,
+    format_duration,
+    format_metrics,
+    format_time,
+    json_option,
+    print_json,
+)
 
 __all__ = ["gc", "ls"]
-
-
-def existing_location_options(location: str, endpoint_url: str | None, command: str) -> dict[str, Any]:
-    """Check the LOCATION of a command that reads what is already there (no I/O; a bad
-    one ends the command with one red line) and return its ``storage_options``."""
-    try:
-        kind, where, _ = parse_location(location)
-        storage_for(location)  # bucket-name rules and the like
-    except ValueError as exc:
-        fail(f"invalid location: {exc}")
-    if kind == "memory":
-        fail(
-            f"{location}: a memory:// location lives inside one process; `asyncckpt {command}` needs s3:// or a directory"
-        )
-    if kind == "file" and Path(where).expanduser().exists() and not Path(where).expanduser().is_dir():
-        fail(f"{location}: not a directory")
-    return storage_options_for(location, endpoint_url)
 
 
 # ---------------------------------------------------------------------- ls
@@ -42,16 +35,34 @@ def existing_location_options(location: str, endpoint_url: str | None, command: 
 
 @click.command(short_help="List the committed epochs of a location.")
 @click.argument("location")
+@json_option
 @endpoint_option
-def ls(location: str, endpoint_url: str | None) -> None:
+def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     """List the committed epochs of LOCATION (s3://bucket/prefix or a directory): per
-    epoch its nodes, the bytes of their shards, when it was committed and by which run
-    id. The latest one, where a resuming job starts, is marked.
+    epoch its nodes, the bytes of their shards, when it was committed, by which run id
+    and the metrics it was saved with. The latest one, where a resuming job starts, is
+    marked.
 
-    Exit code 0 (also when there is no committed epoch), 2 on a storage or usage error.
+    With --json: {"location", "epochs": [{"epoch", "nodes", "bytes", "created",
+    "created_unix", "run_id", "writer_id", "metrics", "latest"}], "latest" (null when
+    there is none), "total_bytes"}.
+
+    Exit code 0 (also when there is no committed epoch), 2 on a storage or usage error
+    (a directory or bucket that does not exist is one).
+
+    \b
+    Examples:
+      asyncckpt ls s3://my-bucket/run --endpoint-url http://127.0.0.1:9000
+      asyncckpt ls /tmp/ckpt-demo --json
     """
     options = existing_location_options(location, endpoint_url, "ls")
     manifests = run_coroutine(_read_committed_manifests(location, options))
+    latest = manifests[-1].epoch if manifests else None
+    total = sum(manifest.total_bytes for manifest in manifests)
+    if as_json:
+        epochs = [{**epoch_summary(m), "latest": m.epoch == latest} for m in manifests]
+        print_json({"location": location, "epochs": epochs, "latest": latest, "total_bytes": total})
+        return
     console = Console()
     if not manifests:
         console.print(f"no committed epoch in {escape(location)}")
@@ -67,20 +78,19 @@ def ls(location: str, endpoint_url: str | None) -> None:
     table.add_column("shards", justify="right")
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("run id", overflow="fold")
+    table.add_column("metrics", overflow="fold")
     table.add_column("")
-    latest = manifests[-1].epoch
     for manifest in manifests:
-        created = datetime.fromtimestamp(manifest.created_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(
             str(manifest.epoch),
             str(manifest.node_count),
             format_bytes(manifest.total_bytes),
-            created,
+            format_time(manifest.created_unix),
             escape(manifest.run_id),
+            escape(format_metrics(manifest.metrics)),
             "[bold green]latest[/]" if manifest.epoch == latest else "",
         )
     console.print(table)
-    total = sum(manifest.total_bytes for manifest in manifests)
     console.print(
         f"{count(len(manifests), 'committed epoch')}, {format_bytes(total)} of shards; a job resumes from epoch {latest}"
     )
@@ -107,23 +117,33 @@ async def _read_committed_manifests(location: str, options: dict[str, Any]) -> l
     "or a number with s, m, h or d (90s, 30m, 1h, 2d).",
 )
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted or aborted.")
+@json_option
 @endpoint_option
-def gc(location: str, grace: float, dry_run: bool, endpoint_url: str | None) -> None:
+def gc(location: str, grace: float, dry_run: bool, as_json: bool, endpoint_url: str | None) -> None:
     """Delete the garbage of LOCATION (s3://bucket/prefix or a directory): the objects
     of epochs that were never committed, objects inside committed epochs that their
     manifest does not name (a failed or losing attempt), and unfinished multipart
     uploads, when older than --grace. A committed epoch's manifest and the shards and
     receipts it names are never touched, nor an epoch whose manifest does not parse.
 
-    Exit code 0, or 2 on a storage or usage error.
+    With --json: {"location", "grace_seconds", "dry_run", "deleted", "aborted_uploads",
+    "kept_recent", "skipped_epochs", "abandoned", "completed_epochs"} (the fields of
+    asyncckpt.GcReport).
+
+    Exit code 0, or 2 on a storage or usage error (a directory or bucket that does not
+    exist is one).
 
     \b
     Examples:
       asyncckpt gc s3://my-bucket/run --dry-run
       asyncckpt gc /tmp/ckpt-demo --grace 0
+      asyncckpt gc /tmp/ckpt-demo --dry-run --json
     """
     options = existing_location_options(location, endpoint_url, "gc")
     report = run_coroutine(_collect_garbage(location, options, grace, dry_run))
+    if as_json:
+        print_json({"location": location, "grace_seconds": grace, **dataclasses.asdict(report)})
+        return
     console = Console(highlight=False)
     what = "dry run: nothing is deleted" if dry_run else "deleting"
     console.print(f"[bold]asyncckpt gc[/] {escape(location)} [dim](grace {format_duration(grace)}, {what})[/]")

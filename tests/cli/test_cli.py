@@ -176,6 +176,8 @@ def test_ls_lists_every_committed_epoch_and_marks_the_latest(tmp_path: Path):
 
 
 def test_ls_of_an_empty_location_says_so(tmp_path: Path):
+    (tmp_path / "nothing-here").mkdir()
+
     result = invoke("ls", str(tmp_path / "nothing-here"))
 
     assert result.exit_code == EXIT_OK
