@@ -7,13 +7,17 @@ demo and the benchmark spawn, each owned by that process's entry point. Exit cod
 every command:
 
 * 0: success;
-* 1: the command ran and its check failed (e.g. the demo's state comparison);
-* 2: it could not run: a usage error, or a storage/environment error, printed as
-  one red line without a traceback.
+* 1: the command ran and its check failed (the demo's state comparison, damage
+  found by ``verify``, a declined ``rm``);
+* 2: it could not run: a usage error, or a storage/environment error (a location
+  that does not exist among them), printed as one red line without a traceback.
 
 Commands: ``demo`` (a simulated job that crashes and resumes), ``ls`` (the committed
-epochs of a location), ``gc`` (remove what interrupted saves left behind) and ``bench``
-(asyncckpt against bare aioboto3 and s3transfer on a local S3 server).
+epochs of a location), ``show`` (the nodes and blobs of one epoch), ``verify`` (read
+every byte, check every CRC32C), ``rm`` (delete epochs), ``prune`` (delete what
+retention rules do not keep), ``gc`` (remove what interrupted saves left behind) and
+``bench`` (asyncckpt against bare aioboto3 and s3transfer on a local S3 server). Every
+command that reads a location takes ``--json``: one JSON document on stdout.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ COMMANDS: Mapping[str, str] = {
     "demo": "asyncckpt.cli.demo:demo",
     "gc": "asyncckpt.cli.inspect:gc",
     "ls": "asyncckpt.cli.inspect:ls",
+    "prune": "asyncckpt.cli.lifecycle:prune",
+    "rm": "asyncckpt.cli.lifecycle:rm",
+    "show": "asyncckpt.cli.lifecycle:show",
+    "verify": "asyncckpt.cli.verify:verify",
 }
 
 T = TypeVar("T")

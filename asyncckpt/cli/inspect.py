@@ -40,8 +40,8 @@ __all__ = ["gc", "ls"]
 def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     """List the committed epochs of LOCATION (s3://bucket/prefix or a directory): per
     epoch its nodes, the bytes of their shards, when it was committed, by which run id
-    and the metrics it was saved with. The latest one, where a resuming job starts, is
-    marked.
+    and the metrics it was saved with (a column shown when any epoch has them). The
+    latest one, where a resuming job starts, is marked.
 
     With --json: {"location", "epochs": [{"epoch", "nodes", "bytes", "created",
     "created_unix", "run_id", "writer_id", "metrics", "latest"}], "latest" (null when
@@ -78,16 +78,19 @@ def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     table.add_column("shards", justify="right")
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("run id", overflow="fold")
-    table.add_column("metrics", overflow="fold")
+    with_metrics = any(manifest.metrics for manifest in manifests)
+    if with_metrics:
+        table.add_column("metrics", overflow="fold")
     table.add_column("")
     for manifest in manifests:
+        metrics = [escape(format_metrics(manifest.metrics))] if with_metrics else []
         table.add_row(
             str(manifest.epoch),
             str(manifest.node_count),
             format_bytes(manifest.total_bytes),
             format_time(manifest.created_unix),
             escape(manifest.run_id),
-            escape(format_metrics(manifest.metrics)),
+            *metrics,
             "[bold green]latest[/]" if manifest.epoch == latest else "",
         )
     console.print(table)
