@@ -208,7 +208,7 @@ def rm(location: str, epochs: Sequence[int], yes: bool, as_json: bool, endpoint_
     if as_json:
         print_json({"location": location, "deleted": deleted})
         return
-    Console(highlight=False).print(f"[green]✓[/] deleted {_epochs_text(deleted)} of {escape(location)}")
+    Console(highlight=False, soft_wrap=True).print(f"[green]✓[/] deleted {_epochs_text(deleted)} of {escape(location)}")
 
 
 def _epochs_text(epochs: Sequence[int]) -> str:

@@ -143,14 +143,14 @@ def verify(location: str, epoch: int | None, parallel: int, as_json: bool, endpo
 
 
 def _print_result(location: str, result: VerifyResult) -> None:
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
     damage = result.damage
     if damage is not None:
         out.print(f"[bold red]✗ epoch {damage.epoch} is damaged[/]")
         for label, value in (("node", damage.node), ("blob", damage.blob), ("object", damage.object)):
             if value is not None:
-                out.print(f"  {label:<7} {escape(value)}", soft_wrap=True)
-        out.print(f"  [red]{escape(damage.message)}[/]", soft_wrap=True)
+                out.print(f"  {label:<7} {escape(value)}")
+        out.print(f"  [red]{escape(damage.message)}[/]")
         return
     if not result.epochs:
         out.print(f"no committed epoch in {escape(location)}: nothing to verify")
