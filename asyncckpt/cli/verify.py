@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from asyncckpt.housekeeping import epoch_dirs
 from asyncckpt.layout import manifest_key
 from asyncckpt.manifest import EpochIndex, NodeRecord, read_index, read_manifest
 from asyncckpt.node import ShardReader
+from asyncckpt.progress import reporting
 from asyncckpt.storage import Storage, storage_for
 
 from . import EXIT_FAILED, run_coroutine
@@ -177,30 +179,30 @@ async def _verify(
             return VerifyResult([], 0, damaged.damage)
         manifests = [manifest for manifest, _ in plan]
         shards = [(manifest.epoch, record) for manifest, index in plan for record in index.nodes.values()]
-        meter = _Meter(progress, f"verifying {count(len(manifests), 'epoch')}", sum(r.size for _, r in shards))
+        total = sum(record.size for _, record in shards)
+        checked: list[int] = []  # the sizes of the shards found intact
         try:
-            await run_all((_check_shard(storage, config, e, r, meter) for e, r in shards), parallel)
+            with reporting(_progress_bar(progress, f"verifying {count(len(manifests), 'epoch')}", total), total):
+                await run_all((_check_shard(storage, config, e, r, checked) for e, r in shards), parallel)
         except _Damaged as damaged:
             if not await storage.exists(manifest_key(damaged.damage.epoch)):  # not damage: an rm ran beside us
                 raise CheckpointNotFoundError(
                     f"epoch {damaged.damage.epoch} was deleted from {storage.url} while it was being verified"
                 ) from None
-            return VerifyResult(manifests, meter.done, damaged.damage)
-        return VerifyResult(manifests, meter.done, None)
+            return VerifyResult(manifests, sum(checked), damaged.damage)
+        return VerifyResult(manifests, sum(checked), None)
 
 
-class _Meter:
-    """Counts the bytes checked, and draws them on ``progress`` when there is one."""
+def _progress_bar(progress: Progress | None, description: str, total: int) -> Callable[[int, int], None] | None:
+    """A ``progress(bytes_done, bytes_total)`` callback that draws on ``progress``, if any."""
+    if progress is None:
+        return None
+    task = progress.add_task(description, total=total)
 
-    def __init__(self, progress: Progress | None, description: str, total: int):
-        self.done = 0
-        self._progress = progress
-        self._task = progress.add_task(description, total=total) if progress is not None else None
+    def draw(done: int, _total: int) -> None:
+        progress.update(task, completed=done)
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self._progress is not None and self._task is not None:
-            self._progress.advance(self._task, n)
+    return draw
 
 
 async def _plan(storage: Storage, epoch: int | None, limit: int) -> list[tuple[EpochManifest, EpochIndex]]:
@@ -232,10 +234,12 @@ async def _plan(storage: Storage, epoch: int | None, limit: int) -> list[tuple[E
     return [item for item in found if item is not None]
 
 
-async def _check_shard(storage: Storage, config: TransferConfig, epoch: int, record: NodeRecord, meter: _Meter) -> None:
+async def _check_shard(
+    storage: Storage, config: TransferConfig, epoch: int, record: NodeRecord, checked: list[int]
+) -> None:
     """Read and check one node's whole shard (every blob's CRC32C); damage is :class:`_Damaged`."""
     try:
         await ShardReader(storage, record.node, record, config).read_all()
     except (CheckpointCorruptedError, CheckpointNotFoundError) as exc:
         raise _Damaged(Damage.of(epoch, exc, node=record.node, url=storage.url_of(record.shard))) from None
-    meter.advance(record.size)
+    checked.append(record.size)
