@@ -25,8 +25,10 @@ from .housekeeping import GcReport
 from .launcher import JobIdentity, job_from_env, split_nodes
 from .manager import MultiNodeCheckpointManager
 from .manifest import EpochManifest, NodeRecord, NodeStats
+from .runner import JobRunner
 from .staging import SaveHandle
 from .stats import ACTIONS
+from .sync import SyncCheckpointManager
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,7 @@ __all__ = [
     "EpochManifest",
     "GcReport",
     "JobIdentity",
+    "JobRunner",
     "MetadataHandler",
     "MiB",
     "MultiNodeCheckpointManager",
@@ -50,6 +53,7 @@ __all__ = [
     "ObjectTooShortError",
     "SaveHandle",
     "StorageError",
+    "SyncCheckpointManager",
     "TransferConfig",
     "__version__",
     "job_from_env",
