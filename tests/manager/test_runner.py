@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from tests.support.runner_child import (
     assert_same_as_uninterrupted,
     initial_state,
     run_child,
+    run_example,
+    run_readme_snippet,
     state_digest,
     train_step,
     uninterrupted,
@@ -417,3 +420,22 @@ def test_a_job_killed_with_a_save_in_flight_resumes_to_the_same_state(
 async def _committed(location: Any) -> list[int]:
     async with manager(location) as mgr:
         return await mgr.committed_epochs()
+
+
+# ---------------------------------------------------------------------------- the example
+
+
+@pytest.mark.parametrize("where", ["directory", pytest.param("embedded-s3", marks=pytest.mark.slow)])
+def test_example_script(tmp_path: Path, where: str) -> None:
+    """examples/job_runner.py: preempted at epoch 5, resumed from 4, ends as an uninterrupted run."""
+    lines = run_example("job_runner.py", tmp_path, [str(tmp_path / "ckpt")] if where == "directory" else [])
+    assert "committed epochs: [0, 2, 4]" in lines and "the job stops: preempted during epoch 5" in lines
+    assert "(this run resumed from epoch 4)" in lines and "committed epochs: [0, 2, 4, 6, 8]" in lines
+
+
+def test_the_readme_snippet_runs_as_written_and_resumes(tmp_path: Path) -> None:
+    heading, url = "### A training driver: `JobRunner`", "s3://my-bucket/runs/exp2"
+    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == [
+        "epoch 10 is committed; resumed from None; failed: []"
+    ]
+    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == ["epoch 10 is committed; resumed from 10; failed: []"]

@@ -9,6 +9,7 @@ import concurrent.futures
 import inspect
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from asyncckpt import (
 from asyncckpt.sync import SyncSaveHandle
 from tests.support.crash_child import assert_state_equal
 from tests.support.faultproxy import FaultProxy, Hold, Request, Respond
-from tests.support.runner_child import assert_same_as_uninterrupted, run_child
+from tests.support.runner_child import assert_same_as_uninterrupted, run_child, run_example, run_readme_snippet
 
 WAIT = 30.0
 THREAD_NAME = "asyncckpt-sync-manager"
@@ -359,3 +360,21 @@ def test_a_plain_loop_killed_on_s3_resumes_to_the_same_state(location: Any) -> N
     lines = run_child("sync", location, 3)
     assert lines[0] == "RESUMED 1"
     asyncio.run(assert_same_as_uninterrupted(location, 3, lines[-1]))
+
+
+# ---------------------------------------------------------------------------- the example
+
+
+@pytest.mark.parametrize("where", ["directory", pytest.param("embedded-s3", marks=pytest.mark.slow)])
+def test_example_script(tmp_path: Path, where: str) -> None:
+    """examples/sync_loop.py: stops after epoch 3, resumes from it, ends as an uninterrupted run."""
+    lines = run_example("sync_loop.py", tmp_path, [str(tmp_path / "ckpt")] if where == "directory" else [])
+    assert "committed epochs: [0, 1, 2, 3]" in lines and "resumed from epoch 3 (optimizer step 24)" in lines
+    assert "committed epochs: [0, 1, 2, 3, 4, 5, 6]" in lines
+
+
+def test_the_readme_snippet_runs_as_written_and_resumes(tmp_path: Path) -> None:
+    heading, url = "### A synchronous loop: `SyncCheckpointManager`", "s3://my-bucket/runs/exp1"
+    every_epoch = list(range(11))
+    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == [f"committed: {every_epoch} step: 10"]
+    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == [f"committed: {every_epoch} step: 10"]

@@ -106,6 +106,32 @@ def run_child(
     return done.stdout.splitlines()
 
 
+def run_example(script: str, cwd: Path, args: list[str]) -> list[str]:
+    """Run ``examples/<script>`` to its end; its stdout lines, the last of which is ``PASS``."""
+    path = Path(__file__).parents[2] / "examples" / script
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout}{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "PASS", done.stdout
+    return lines
+
+
+def run_readme_snippet(heading: str, url: str, location: Path) -> list[str]:
+    """Run the first Python block of README.md after ``heading`` as it is written, but with
+    ``url`` replaced by the directory ``location``; its stdout lines."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index(f"\n{heading}\n") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```\n")]
+    assert url in code, f"{url} is not in the snippet under {heading}"
+    code = code.replace(url, str(location))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=location.parent
+    )
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout.splitlines()
+
+
 async def assert_same_as_uninterrupted(location: Any, num_epochs: int, final_line: str) -> None:
     """Every epoch 0..num_epochs is committed at ``location`` and holds, bit for bit, the
     state (and metrics) of an uninterrupted run; ``final_line`` is the digest such a run
