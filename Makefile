@@ -34,6 +34,12 @@ test-rgw: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/asyncckpt bench
 
+# issue 9's counts and ratios at scale (1024 nodes, 32 processes, 1 GiB): 2-5 minutes
+.PHONY: bench-scale
+bench-scale: $(BIN)/.installed
+	mkdir -p bench-results
+	$(BIN)/asyncckpt bench --scale --json bench-results/scale.json
+
 # mypy --strict and ruff (lint rules, ASYNC included, and the formatter's check)
 .PHONY: lint
 $(BIN)/.lint-installed: $(BIN)/.installed

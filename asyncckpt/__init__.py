@@ -25,6 +25,7 @@ from .housekeeping import GcReport
 from .launcher import JobIdentity, job_from_env, split_nodes
 from .manager import MultiNodeCheckpointManager
 from .manifest import EpochManifest, NodeRecord, NodeStats
+from .retention import Retention
 from .runner import JobRunner
 from .staging import SaveHandle
 from .stats import ACTIONS
@@ -50,6 +51,7 @@ __all__ = [
     "MultiNodeCheckpointManager",
     "NodeRecord",
     "NodeStats",
+    "Retention",
     "ObjectTooShortError",
     "SaveHandle",
     "StorageError",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from . import layout
 from ._tasks import shielded
@@ -55,6 +55,7 @@ class SaveAttempt:
     nodes: Sequence[str]
     epoch: int
     token: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     async def upload(self, encoded: Encoded) -> Staged:
         """Upload; on any failure what this attempt wrote is removed (or, in a job,
@@ -80,7 +81,7 @@ class SaveAttempt:
         records = await upload_nodes(self.storage, self.budget, self.epoch, writer_id, encoded, limit)
         index = EpochIndex(self.epoch, writer_id, records)
         try:
-            return Staged(records, await stage_commit(self.storage, index, self.db_type), decided=False)
+            return Staged(records, await stage_commit(self.storage, index, self.db_type, self.metrics), decided=False)
         except BaseException:
             await shielded(discard(self.storage, [*index.keys, layout.index_key(self.epoch, writer_id)]))
             raise
@@ -107,4 +108,4 @@ class SaveAttempt:
             self.storage, self.budget, self.epoch, job.writer_id, encoded, limit, token=self.token, cleanup=give_up
         )
         # From here on our receipts may be part of a commit: never delete them.
-        return Staged(records, await job.agree(records, self.db_type), decided=True)
+        return Staged(records, await job.agree(records, self.db_type, self.metrics), decided=True)

@@ -4,7 +4,10 @@ A *blob* is one named value of a node's workspace. Supported values:
 
 * numpy arrays of every numeric dtype (bool, ints, floats incl. float16, complex,
   datetime/timedelta, fixed-width bytes/unicode), any byte order, 0-d, empty,
-  C- or Fortran-ordered, contiguous or not (non-contiguous ones are copied);
+  C- or Fortran-ordered, contiguous or not (non-contiguous ones are copied); a
+  ``np.memmap`` is saved as its data and loads as a plain array. Other ndarray
+  subclasses (masked arrays, ``np.matrix``...) are refused: their extra state would
+  not survive;
 * numpy scalars; ``bytes`` (``bytearray``/``memoryview`` come back as ``bytes``);
 * ``str``, ``int`` (any size), ``float``, ``bool``, ``None``;
 * ``list``, ``tuple`` and ``dict`` with ``str`` keys, nested, holding any of the above.
@@ -46,11 +49,13 @@ __all__ = [
     "BlobEntry",
     "EncodedBlob",
     "ExtCode",
+    "ShardIndex",
     "checksum",
     "checksum_combine",
     "decode_blob",
     "encode_blob",
     "encode_blobs",
+    "is_plain_array",
     "shard_header",
     "shard_size_bound",
     "shard_trailer",
@@ -188,20 +193,59 @@ class BlobEntry:
             raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EncodedBlob:
-    """One blob ready to be written: its payload as a list of buffers."""
+    """One blob ready to be written: its name, its encoding and the ``source`` its
+    payload bytes are read from: for ``"ndarray"`` a C-contiguous array (an F-ordered
+    array's transpose, ``order="F"``), for ``"bytes"`` a bytes, bytearray or contiguous
+    byte memoryview, for ``"msgpack"`` the packed bytes.
+
+    Small on purpose (a shard may hold hundreds of thousands of blobs): the payload view,
+    the length, dtype and shape are derived when asked for, not stored.
+    """
 
     name: str
     encoding: str
-    buffers: tuple[memoryview, ...]
-    length: int
-    dtype: str | None = None
-    shape: tuple[int, ...] | None = None
+    source: Any
     order: str | None = None
+
+    @property
+    def payload(self) -> memoryview:
+        """The payload bytes (a view of :attr:`source`, no copy)."""
+        if self.encoding == "ndarray":
+            return _raw_view(self.source)
+        return memoryview(self.source).cast("B")
+
+    @property
+    def buffers(self) -> tuple[memoryview, ...]:
+        return (self.payload,)
+
+    @property
+    def length(self) -> int:
+        if self.encoding == "ndarray":
+            return int(self.source.nbytes)
+        return memoryview(self.source).nbytes if isinstance(self.source, memoryview) else len(self.source)
+
+    @property
+    def dtype(self) -> str | None:
+        return self.source.dtype.str if self.encoding == "ndarray" else None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        if self.encoding != "ndarray":
+            return None
+        shape = tuple(self.source.shape)
+        return shape[::-1] if self.order == "F" else shape  # an F-ordered array is stored transposed
 
     def entry(self, offset: int, crc: int) -> BlobEntry:
         return BlobEntry(offset, self.length, self.encoding, crc, self.dtype, self.shape, self.order)
+
+    def entry_json(self, offset: int, crc: int) -> dict[str, Any]:
+        """:meth:`BlobEntry.to_json` of :meth:`entry`, without the entry."""
+        out: dict[str, Any] = {"offset": offset, "length": self.length, "encoding": self.encoding, "crc32c": crc}
+        if self.encoding == "ndarray":
+            out.update(dtype=self.dtype, shape=list(self.shape or ()), order=self.order)
+        return out
 
 
 # --------------------------------------------------------------------------- encode
@@ -228,7 +272,19 @@ def _array_dtype(dtype_str: str) -> np.dtype[Any]:
     return dtype
 
 
+def is_plain_array(value: Any) -> bool:
+    """Whether ``value`` is an array whose data is all there is to it: a plain
+    ``np.ndarray`` or a ``np.memmap`` (whose file backing is no part of its value)."""
+    return type(value) is np.ndarray or type(value) is np.memmap
+
+
 def _check_array(arr: np.ndarray[Any, Any], path: str) -> None:
+    if not is_plain_array(arr):
+        # a subclass carries state beyond the data (a mask, matrix semantics...) that a
+        # load would silently drop: refuse it rather than return something else
+        if isinstance(arr, np.ma.MaskedArray):
+            raise _Unsupported(path, arr, ": masked arrays are not supported (save .data and .mask as two blobs)")
+        raise _Unsupported(path, arr, ": ndarray subclasses are not supported (save np.asarray(value))")
     if arr.dtype.kind not in _ARRAY_KINDS or arr.dtype.itemsize == 0 or arr.dtype.fields is not None:
         raise _Unsupported(path, arr, f" with dtype {arr.dtype}")
 
@@ -304,16 +360,13 @@ def encode_blob(name: str, value: Any) -> EncodedBlob:
         if isinstance(value, np.ndarray):
             _check_array(value, name)
             order, stored = _array_layout(value)
-            view = _raw_view(stored)
-            return EncodedBlob(name, "ndarray", (view,), view.nbytes, value.dtype.str, tuple(value.shape), order)
-        if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(value, np.generic):
-            if isinstance(value, memoryview):
-                view = value.cast("B") if value.c_contiguous else memoryview(value.tobytes())
-            else:
-                view = memoryview(value)
-            return EncodedBlob(name, "bytes", (view,), view.nbytes)
+            return EncodedBlob(name, "ndarray", stored, order)
+        if isinstance(value, (bytes, bytearray)) and not isinstance(value, np.generic):
+            return EncodedBlob(name, "bytes", value)
+        if isinstance(value, memoryview):
+            return EncodedBlob(name, "bytes", value.cast("B") if value.c_contiguous else value.tobytes())
         payload = msgpack.packb(_to_tree(value, name, 0), use_bin_type=True)
-        return EncodedBlob(name, "msgpack", (memoryview(payload),), len(payload))
+        return EncodedBlob(name, "msgpack", payload)
     except _Unsupported as exc:
         path, why = exc.args
         if len(path) > 120:
@@ -347,21 +400,51 @@ def shard_header(node: str) -> bytes:
     return _HEADER_PREFIX.pack(SHARD_MAGIC, len(body)) + body
 
 
+class ShardIndex:
+    """A shard's blob index, packed entry by entry as the blobs are written (no entry
+    object is kept per blob): :meth:`add` each blob in order, then :meth:`trailer`."""
+
+    def __init__(self, count: int):
+        self._packer = msgpack.Packer()
+        self._body = bytearray(self._packer.pack_map_header(count))
+        self._missing = count
+
+    def add(self, blob: EncodedBlob, offset: int, crc: int) -> None:
+        """The entry of ``blob``, whose payload starts at ``offset`` and has CRC32C ``crc``."""
+        self._body += self._packer.pack(blob.name)
+        self._body += self._packer.pack(blob.entry_json(offset, crc))
+        self._missing -= 1
+
+    def trailer(self, index_offset: int) -> tuple[bytearray, int]:
+        """The packed index followed by the fixed-size trailer, and the index's CRC32C;
+        ``index_offset`` is where the index starts in the shard. Call it once: the
+        index's own buffer is returned, not a copy."""
+        if self._missing:
+            raise ValueError(f"shard index is missing {self._missing} blob(s)")
+        body, self._body = self._body, bytearray()
+        crc = checksum(body)
+        body += _TRAILER.pack(index_offset, len(body), crc, TRAILER_MAGIC)
+        return body, crc
+
+
 def shard_trailer(index: Mapping[str, BlobEntry], index_offset: int) -> bytes:
-    """The msgpack index followed by the fixed-size trailer."""
+    """The msgpack index of ``index`` followed by the fixed-size trailer."""
     body = msgpack.packb({name: entry.to_json() for name, entry in index.items()})
     return body + _TRAILER.pack(index_offset, len(body), checksum(body), TRAILER_MAGIC)
 
 
 def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob]) -> int:
-    """An upper bound of the shard's size, known before any byte is written (the
-    index is measured with the widest CRC32C encoding)."""
+    """An upper bound of the shard's size, known before any byte is written (each index
+    entry is measured with the widest CRC32C encoding, one at a time)."""
+    packer = msgpack.Packer()
     offset = len(header)
-    widest: dict[str, BlobEntry] = {}
+    count = 0
+    entries = 0
     for blob in blobs:
-        widest[blob.name] = blob.entry(offset, 0xFFFFFFFF)
+        entries += len(packer.pack(blob.name)) + len(packer.pack(blob.entry_json(offset, 0xFFFFFFFF)))
         offset += blob.length
-    return offset + len(shard_trailer(widest, offset))
+        count += 1
+    return offset + len(packer.pack_map_header(count)) + entries + TRAILER_SIZE
 
 
 # --------------------------------------------------------------------------- decode

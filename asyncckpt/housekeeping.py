@@ -12,15 +12,18 @@ from ._tasks import run_all
 from .commit import decide, publish_manifest, read_decision
 from .errors import CheckpointConflictError, CheckpointCorruptedError, CheckpointNotFoundError
 from .manifest import Decision, EpochManifest, manifest_or_none, read_index, read_manifest
+from .retention import Retention
 from .storage import ObjectInfo, Storage
 
 __all__ = [
     "GcReport",
     "collect_garbage",
     "committed_manifests",
+    "delete_epoch",
     "epoch_dirs",
     "epoch_is_intact",
     "latest_committed_epoch",
+    "prune",
 ]
 
 log = logging.getLogger("asyncckpt")
@@ -65,6 +68,41 @@ async def epoch_is_intact(storage: Storage, epoch: int, max_concurrency: int) ->
     records = list(index.nodes.values())
     infos = await run_all((storage.head(r.shard) for r in records), max_concurrency)
     return all(info is not None and info.size == r.size for info, r in zip(infos, records))
+
+
+async def delete_epoch(storage: Storage, epoch: int) -> None:
+    """Remove a committed epoch: it stops existing at once, then its objects go.
+
+    1. its writer's decision (with the manifest still there nothing needs it, and once
+       the manifest is gone gc must find no commit decision to complete again);
+    2. the manifest: from here on the epoch does not exist;
+    3. what its index names, and the index.
+
+    A crash after step 2 leaves objects that gc claims and removes like any unfinished
+    save. Nothing of another epoch or another writer is touched. Raises
+    :class:`CheckpointNotFoundError` when the epoch is not committed.
+    """
+    manifest = await read_manifest(storage, epoch)
+    try:
+        named = (await read_index(storage, manifest)).keys
+    except CheckpointCorruptedError as exc:  # a damaged index: the commit still goes, gc takes the rest
+        log.warning("deleting epoch %d without its index: %s", epoch, exc)
+        named = set()
+    await storage.delete([layout.decision_key(epoch, manifest.writer_id)])
+    await storage.delete([layout.manifest_key(epoch)])
+    await storage.delete(sorted(named | ({manifest.index} if manifest.index else set())))
+
+
+async def prune(storage: Storage, rules: Retention, *, dry_run: bool, max_concurrency: int) -> list[int]:
+    """Delete the committed epochs ``rules`` do not keep (oldest first); returns them.
+    With ``dry_run`` nothing is deleted."""
+    manifests = await committed_manifests(storage, max_concurrency)
+    kept = rules.kept(manifests)
+    doomed = [m.epoch for m in manifests if m.epoch not in kept]
+    if not dry_run:
+        for epoch in doomed:
+            await delete_epoch(storage, epoch)
+    return doomed
 
 
 async def committed_manifests(storage: Storage, max_concurrency: int) -> list[EpochManifest]:

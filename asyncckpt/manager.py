@@ -24,13 +24,23 @@ from .commit import decide_commit, publish_manifest
 from .config import TransferConfig
 from .errors import (
     CheckpointConflictError,
+    CheckpointCorruptedError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointStateError,
 )
 from .handler import HandlerCalls, MetadataHandler
-from .housekeeping import GcReport, collect_garbage, committed_manifests, epoch_is_intact, latest_committed_epoch
-from .manifest import EpochIndex, EpochManifest, read_index, read_manifest
+from .housekeeping import (
+    GcReport,
+    collect_garbage,
+    committed_manifests,
+    delete_epoch,
+    epoch_is_intact,
+    latest_committed_epoch,
+    prune,
+)
+from .manifest import EpochIndex, EpochManifest, check_metrics, read_index, read_manifest
+from .retention import Retention
 from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces
 from .stats import StatsBook
 from .storage import PATH_TYPES, ByteBudget, Storage, reader_for, storage_for
@@ -65,7 +75,9 @@ class MultiNodeCheckpointManager:
     ``storage_options`` go to the backend (S3: ``endpoint_url``, ``region_name``,
     credentials, ``addressing_style``...); ``config`` sets limits, part sizes, retries
     and client settings (:class:`~asyncckpt.TransferConfig`); ``run_id`` names this job
-    incarnation in the keys it writes (random by default).
+    incarnation in the keys it writes (random by default); ``retention``
+    (:class:`~asyncckpt.Retention`) deletes, after each committed save, the committed
+    epochs its rules do not keep.
 
     Use it as ``async with MultiNodeCheckpointManager(...) as mgr:`` so its storage
     clients are opened once and closed at the end (or call :meth:`close`). Invalid
@@ -81,11 +93,15 @@ class MultiNodeCheckpointManager:
         storage_options: Mapping[str, Any] | None = None,
         config: TransferConfig | None = None,
         run_id: str | None = None,
+        retention: Retention | None = None,
     ):
         if db_type not in DB_TYPES:
             raise ValueError(f"unknown db_type {db_type!r}; supported: {DB_TYPES}")
         if config is not None and not isinstance(config, TransferConfig):
             raise TypeError(f"config must be a TransferConfig, got {type(config).__name__}")
+        if retention is not None and not isinstance(retention, Retention):
+            raise TypeError(f"retention must be a Retention, got {type(retention).__name__}")
+        self._retention = retention
         self._handler = HandlerCalls(metadata_handler) if metadata_handler is not None else None
         self._db_prefix = db_prefix
         self._db_type = db_type
@@ -263,8 +279,12 @@ class MultiNodeCheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    async def save(self, epoch: int) -> None:
+    async def save(self, epoch: int, metrics: Mapping[str, float] | None = None) -> None:
         """Save every blob of every local node's workspace as of this call, then commit.
+
+        ``metrics`` (names to finite numbers, e.g. ``{"loss": 0.31}``) are kept in the
+        epoch's manifest (``EpochManifest.metrics``), for :class:`~asyncckpt.Retention`'s
+        best-k and for ``asyncckpt ls``; in a multi-process job, the committing process's.
 
         Raises :class:`TypeError` (nothing written) for an unsupported blob,
         :class:`CheckpointConflictError` if the epoch is already committed (or another
@@ -281,13 +301,14 @@ class MultiNodeCheckpointManager:
         missing nodes and the epoch stays uncommitted.
         """
         layout.validate_epoch(epoch)
+        checked = check_metrics(metrics)
         workspaces = self._require_init("save()")
         await self._background.drain()
         current = {node: dict(ws) for node, ws in workspaces.items()}
         encoded = await asyncio.to_thread(encode_workspaces, current)
-        await self._save_encoded(epoch, encoded)
+        await self._save_encoded(epoch, encoded, checked)
 
-    async def save_async(self, epoch: int) -> SaveHandle:
+    async def save_async(self, epoch: int, metrics: Mapping[str, float] | None = None) -> SaveHandle:
         """Snapshot every local workspace now; upload and commit in the background.
 
         Returns as soon as the state is copied (the caller may change its workspaces
@@ -300,18 +321,22 @@ class MultiNodeCheckpointManager:
         (one extra copy of the state stays allocated until :meth:`close`); everything
         else is encoded on the spot. Unsupported blobs raise :class:`TypeError` here;
         an already committed epoch raises :class:`CheckpointConflictError` from the
-        handle (the probe is not worth holding the caller for).
+        handle (the probe is not worth holding the caller for). ``metrics`` as for
+        :meth:`save`; the retention rules, if any, run in the background too.
         """
         started = time.perf_counter()
         layout.validate_epoch(epoch)
+        checked = check_metrics(metrics)
         workspaces = self._require_init("save_async()")
         await self._background.drain()
         await self._ensure_open()
         encoded, staging = await self._background.snapshot(workspaces)
-        return self._background.start(epoch, self._save_encoded(epoch, encoded), staging, time.perf_counter() - started)
+        upload = self._save_encoded(epoch, encoded, checked)
+        return self._background.start(epoch, upload, staging, time.perf_counter() - started)
 
-    async def _save_encoded(self, epoch: int, encoded: Encoded) -> None:
-        """Upload the local nodes' shards as a new attempt at ``epoch``, then commit it."""
+    async def _save_encoded(self, epoch: int, encoded: Encoded, metrics: Mapping[str, float]) -> None:
+        """Upload the local nodes' shards as a new attempt at ``epoch``, commit it, then
+        apply the retention rules."""
         await self._ensure_open()
         if await self._storage.exists(layout.manifest_key(epoch)):
             raise CheckpointConflictError(f"epoch {epoch} is already committed in {self._storage.url}")
@@ -320,7 +345,7 @@ class MultiNodeCheckpointManager:
         state.attempts += 1  # every attempt gets fresh keys
         started = time.perf_counter()
         attempt = SaveAttempt(
-            self._storage, self._budget, self._config, self._db_type, self._run_id, self.nodes, epoch, token
+            self._storage, self._budget, self._config, self._db_type, self._run_id, self.nodes, epoch, token, metrics
         )
         staged = await attempt.upload(encoded)
         state.staged, state.decided = staged.manifest, staged.decided
@@ -333,6 +358,11 @@ class MultiNodeCheckpointManager:
             state.staged = None
         self._remember(staged.index, self._storage)
         self._stats.record("checkpoint_save", staged.index, time.perf_counter() - started, self._storage)
+        if self._retention is not None and self.nodes[0] in self.local_nodes:  # a job's committer prunes
+            try:
+                await self.prune()
+            except CheckpointError as exc:  # the save stands; the next one prunes again
+                log.warning("retention after epoch %d failed: %s", epoch, exc)
 
     async def write_checkpoint_metadata(self, epoch: int) -> None:
         """Commit ``epoch``: decide and publish its manifest (both create-only), then tell
@@ -366,7 +396,8 @@ class MultiNodeCheckpointManager:
 
         Everything is fetched and verified before any workspace changes; on any error
         every workspace is as it was. Loaded blobs replace same-named entries; other
-        entries are left alone.
+        entries are left alone. An epoch deleted while it loads is
+        :class:`CheckpointNotFoundError`.
         """
         layout.validate_epoch(epoch)
         workspaces = self._require_init("load()")
@@ -375,10 +406,14 @@ class MultiNodeCheckpointManager:
         await self._ensure_open()
         started = time.perf_counter()
         storage = self._reader
-        index = await read_index(storage, await read_manifest(storage, epoch))
-        _check_nodes_present(index, list(workspaces))
-
-        values, node_stats = await load_whole(storage, self._config, index, list(workspaces))
+        try:
+            index = await read_index(storage, await read_manifest(storage, epoch))
+            _check_nodes_present(index, list(workspaces))
+            values, node_stats = await load_whole(storage, self._config, index, list(workspaces))
+        except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
+            if await storage.exists(layout.manifest_key(epoch)):
+                raise
+            raise CheckpointNotFoundError(f"epoch {epoch} is not committed in {storage.url} (deleted?)") from exc
         for node, blobs in values.items():
             workspaces[node].update(blobs)
         self._remember(index, storage)
@@ -404,11 +439,13 @@ class MultiNodeCheckpointManager:
         self._stats.started("checkpoint_partial_load", epoch)
         try:
             index = await read_index(storage, await read_manifest(storage, epoch))
-        except CheckpointNotFoundError:
-            return False
-        if any(node not in index.nodes for node in node_names):
-            return False
-        loaded = await load_partial(storage, self._config, index, node_names, names)
+            if any(node not in index.nodes for node in node_names):
+                return False
+            loaded = await load_partial(storage, self._config, index, node_names, names)
+        except (CheckpointNotFoundError, CheckpointCorruptedError):
+            if await storage.exists(layout.manifest_key(epoch)):
+                raise
+            return False  # not committed (any more: a delete ran beside us)
         if loaded is None:
             return False  # a listed node's shard is gone: nothing is loaded
         values, node_stats = loaded
@@ -513,6 +550,30 @@ class MultiNodeCheckpointManager:
             raise ValueError(f"grace_period must be a non-negative number of seconds, got {grace_period!r}")
         await self._ensure_open()
         return await collect_garbage(self._storage, grace_period=grace_period, dry_run=dry_run)
+
+    async def delete_epoch(self, epoch: int) -> None:
+        """Delete a committed epoch of the save location: its commit record goes first (the
+        epoch stops existing at once), then its objects. A crash midway leaves only what
+        :meth:`gc` removes; a load racing the delete gets that epoch's exact data or
+        :class:`CheckpointNotFoundError`. Raises :class:`CheckpointNotFoundError` if the
+        epoch is not committed. Nothing of another epoch is touched.
+        """
+        layout.validate_epoch(epoch)
+        await self._ensure_open()
+        await delete_epoch(self._storage, epoch)
+        state = self._epochs.get(epoch)
+        if state is not None:
+            state.known = state.known_in = None
+            state.committed_here = False
+
+    async def prune(self, retention: Retention | None = None, *, dry_run: bool = False) -> list[int]:
+        """Delete the committed epochs that ``retention`` (default: the manager's) does not
+        keep; returns them, ascending. With ``dry_run`` nothing is deleted."""
+        rules = retention if retention is not None else self._retention
+        if not isinstance(rules, Retention):
+            raise ValueError("prune() needs Retention rules: pass one, or give the manager retention=...")
+        await self._ensure_open()
+        return await prune(self._storage, rules, dry_run=dry_run, max_concurrency=self._config.max_concurrency)
 
     # ------------------------------------------------------------------ stats
 

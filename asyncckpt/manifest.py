@@ -40,6 +40,7 @@ __all__ = [
     "EpochManifest",
     "NodeRecord",
     "NodeStats",
+    "check_metrics",
     "manifest_or_none",
     "read_index",
     "read_manifest",
@@ -426,6 +427,25 @@ def _check_unsigned(*values: object) -> None:
     for value in values:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"expected a non-negative int, got {value!r}")
+
+
+def check_metrics(metrics: object) -> dict[str, float]:
+    """A user's metrics for an epoch: a mapping of str to finite numbers (not bools).
+    :class:`TypeError`/:class:`ValueError` name the offending entry."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"metric names must be non-empty str, got {name!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+        if not _finite(value):
+            raise ValueError(f"metric {name!r} must be finite, got {value!r}")
+        out[name] = float(value)
+    return out
 
 
 def _metrics(raw: Any, where: str) -> dict[str, float]:

@@ -22,11 +22,13 @@ from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
 from .manifest import NodeRecord, NodeStats
-from .storage import ByteBudget, Storage, collect_request_stats
+from .storage import ByteBudget, ObjectWriter, Storage, collect_request_stats
 
 __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
+_GATHER_MIN = 64 << 10  # pieces smaller than this are gathered into one write...
+_GATHER_BYTES = 256 << 10  # ... of about this many bytes
 _TAIL_GUESS = 64 << 10  # bytes read from a shard's end to find its blob index
 
 
@@ -46,41 +48,68 @@ class ShardWriter:
         writer id) the record is also written there, after the shard."""
         started = time.perf_counter()
         with collect_request_stats() as stats:
-            index: dict[str, BlobEntry] = {}
             header = codec.shard_header(self.node)
             size_hint = codec.shard_size_bound(header, encoded)
-            async with self.storage.writer(shard_key, budget=self.budget, size_hint=size_hint) as out:
+            index = codec.ShardIndex(len(encoded))
+            async with self.storage.writer(shard_key, budget=self.budget, size_hint=size_hint) as writer:
+                out = _GatheredWrites(writer)
                 await out.write(header)
-                shard_crc = codec.checksum(header)
                 offset = len(header)
                 for blob in encoded:
-                    blob_crc = 0
-                    for view in blob.buffers:
-                        # one pass: the blob's CRC, then combined into the shard's
-                        if view.nbytes >= _THREAD_MIN:
-                            view_crc = await asyncio.to_thread(codec.checksum, view)
-                        else:
-                            view_crc = codec.checksum(view)
-                        blob_crc = codec.checksum_combine(blob_crc, view_crc, view.nbytes)
-                        shard_crc = codec.checksum_combine(shard_crc, view_crc, view.nbytes)
-                        await out.write(view)
-                    index[blob.name] = blob.entry(offset, blob_crc)
-                    offset += blob.length
-                trailer = codec.shard_trailer(index, offset)
+                    view = blob.payload
+                    if view.nbytes >= _THREAD_MIN:
+                        crc = await asyncio.to_thread(codec.checksum, view)
+                    else:
+                        crc = codec.checksum(view)
+                    await out.write(view, crc)
+                    index.add(blob, offset, crc)
+                    offset += view.nbytes
+                trailer, index_crc = index.trailer(offset)
                 await out.write(trailer)
-                shard_crc = codec.checksum(trailer, shard_crc)
-                info = await out.commit()
+                await out.flush()
+                info = await writer.commit()
             size = offset + len(trailer)
             assert info.size == size, (info.size, size)
             objects, requests = (1, stats.requests) if receipt is None else (2, stats.requests + 1)
             node_stats = NodeStats(time.perf_counter() - started, size, objects, requests, stats.retries)
-            index_crc = codec.checksum(memoryview(trailer)[: len(trailer) - codec.TRAILER_SIZE])
             receipt_key = receipt[0] if receipt else None
-            record = NodeRecord(self.node, shard_key, size, shard_crc, node_stats, receipt_key, index_crc)
+            record = NodeRecord(self.node, shard_key, size, out.crc, node_stats, receipt_key, index_crc)
             if receipt is not None:
                 key, epoch, writer_id = receipt
                 await self.storage.put(key, record.receipt_json(epoch, writer_id))
         return record
+
+
+class _GatheredWrites:
+    """Writes to an :class:`ObjectWriter`, gathering small pieces into one write of up
+    to :data:`_GATHER_BYTES` (one call and one buffer per many tiny blobs, not one per
+    blob), and keeps the CRC32C of everything written."""
+
+    def __init__(self, writer: ObjectWriter):
+        self._writer = writer
+        self._pending = bytearray()
+        self.crc = 0
+
+    async def write(self, view: bytes | bytearray | memoryview, crc: int | None = None) -> None:
+        """Append ``view`` (``crc``: its CRC32C, when the caller has it already)."""
+        size = memoryview(view).nbytes
+        if size < _GATHER_MIN:
+            self._pending += view
+            if len(self._pending) >= _GATHER_BYTES:
+                await self.flush()
+            return
+        await self.flush()
+        if crc is None:
+            crc = await asyncio.to_thread(codec.checksum, view) if size >= _THREAD_MIN else codec.checksum(view)
+        self.crc = codec.checksum_combine(self.crc, crc, size)
+        await self._writer.write(view)
+
+    async def flush(self) -> None:
+        """Write what is gathered."""
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self.crc = codec.checksum(pending, self.crc)
+            await self._writer.write(pending)
 
 
 def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:

@@ -38,11 +38,12 @@ class StagingBuffers:
     def freeze(self, node: str, blobs: Mapping[str, Any]) -> dict[str, Any]:
         """``blobs`` with every array copied into a staging buffer and every mutable
         byte buffer copied into ``bytes``; other values are immutable or are packed into
-        new bytes by the encoder."""
+        new bytes by the encoder. An ndarray subclass is passed on as it is, for the
+        encoder to refuse (a copy into a plain array would drop its mask or kind)."""
         stage = self._arrays.setdefault(node, {})
         frozen: dict[str, Any] = {}
         for name, value in blobs.items():
-            if isinstance(value, np.ndarray):
+            if codec.is_plain_array(value):
                 order: Literal["C", "F"] = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
                 buf = stage.get(name)
                 if (

@@ -28,6 +28,7 @@ import builtins
 import collections
 import contextlib
 import contextvars
+import mmap
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
@@ -83,15 +84,15 @@ class RequestStats:
     objects_written: int = 0
 
 
-_current_stats: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar(
-    "asyncckpt_request_stats", default=None
+# every collector active in the current context, outermost first
+_active_stats: contextvars.ContextVar[tuple[RequestStats, ...]] = contextvars.ContextVar(
+    "asyncckpt_request_stats", default=()
 )
 
 
 def record_request(*, retries: int = 0, sent: int = 0, received: int = 0, objects_written: int = 0) -> None:
-    """Count one request against the stats collector of the current context, if any."""
-    stats = _current_stats.get()
-    if stats is not None:
+    """Count one request against every stats collector active in the current context."""
+    for stats in _active_stats.get():
         stats.requests += 1
         stats.retries += retries
         stats.bytes_sent += sent
@@ -100,19 +101,24 @@ def record_request(*, retries: int = 0, sent: int = 0, received: int = 0, object
 
 
 class collect_request_stats:
-    """Context manager: requests made inside it (and in tasks it spawns) are counted."""
+    """Context manager: requests made inside it (and in tasks it spawns) are counted.
+
+    Collectors nest: a request counts in every collector it is made inside of, so an
+    outer one sees the requests of inner ones (the library's own per-node collectors
+    included).
+    """
 
     def __init__(self) -> None:
         self.stats = RequestStats()
-        self._token: contextvars.Token[RequestStats | None] | None = None
+        self._token: contextvars.Token[tuple[RequestStats, ...]] | None = None
 
     def __enter__(self) -> RequestStats:
-        self._token = _current_stats.set(self.stats)
+        self._token = _active_stats.set((*_active_stats.get(), self.stats))
         return self.stats
 
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
-        _current_stats.reset(self._token)
+        _active_stats.reset(self._token)
 
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._\-/]+$")
@@ -132,13 +138,35 @@ def validate_key(key: str) -> str:
     return key
 
 
-class ByteBudget:
-    """An async limit on bytes held at once (for example, upload buffers in flight).
+#: Buffers at least this big are anonymous memory mappings: their pages cost memory only
+#: once written, and dropping one returns its memory to the system at once (a freed
+#: ``bytearray`` of many MiB may stay in the allocator's heap, outside any budget).
+_MAPPED_MIN = 1 << 20
+#: At most this many warm buffers are kept between uses (their bytes count in the budget).
+_WARM_MAX = 16
 
-    ``acquire(n)`` waits (first come, first served) until ``n`` more bytes fit under
-    the limit; a request larger than the whole limit is granted when nothing else is
-    held, so it can never deadlock. ``release`` is synchronous, so it is safe in
-    ``finally`` blocks of cancelled tasks.
+LeasedBuffer = bytearray | mmap.mmap
+
+
+def new_buffer(size: int) -> LeasedBuffer:
+    """A writable, zero-filled buffer of ``size`` bytes (see :data:`_MAPPED_MIN`)."""
+    return mmap.mmap(-1, size) if size >= _MAPPED_MIN else bytearray(size)
+
+
+class ByteBudget:
+    """A limit on the bytes of memory held at once: bytes granted to their users
+    (:attr:`in_use`, for example upload buffers in flight) plus warm buffers kept for
+    reuse (:attr:`pooled`). ``in_use + pooled`` never passes :attr:`limit`, with one
+    exception: a request larger than the whole limit is granted when nothing else is
+    held, so it can never deadlock.
+
+    Requests are served first come, first served. ``acquire(n)`` waits until ``n``
+    more bytes fit; :meth:`lease` waits for a buffer, a warm one of about the right
+    size when one is kept, else a new one once its bytes fit. Warm buffers give way:
+    one that no request can use is dropped to make room, never waited for.
+    :meth:`give_back` returns a leased buffer, which stays warm (still counted) for
+    the next lease. ``release`` and ``give_back`` are synchronous, so they are safe
+    in ``finally`` blocks of cancelled tasks.
     """
 
     def __init__(self, limit: int):
@@ -146,47 +174,118 @@ class ByteBudget:
             raise ValueError(f"ByteBudget limit must be positive, got {limit}")
         self.limit = limit
         self.in_use = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self.pooled = 0
+        self._warm: list[LeasedBuffer] = []  # smallest first
+        # (bytes, whether a buffer is wanted, the future that serves the request)
+        self._waiters: collections.deque[tuple[int, bool, asyncio.Future[LeasedBuffer | None]]] = collections.deque()
 
     def _fits(self, n: int) -> bool:
-        return self.in_use == 0 or self.in_use + n <= self.limit
+        held = self.in_use + self.pooled
+        return held == 0 or held + n <= self.limit
 
-    def _grant(self, n: int) -> None:
+    def _take_warm(self, size: int) -> LeasedBuffer | None:
+        """The smallest warm buffer of ``size`` to ``2 * size`` bytes, now in use."""
+        for i, buf in enumerate(self._warm):
+            if size <= len(buf) <= 2 * size:
+                del self._warm[i]
+                self.pooled -= len(buf)
+                self.in_use += len(buf)
+                return buf
+        return None
+
+    def _serve(self, n: int, wants_buffer: bool) -> tuple[bool, LeasedBuffer | None]:
+        """Serve a request now if possible: (served, the warm buffer it got, if any)."""
+        if wants_buffer:
+            warm = self._take_warm(n)
+            if warm is not None:
+                return True, warm
+        while self._warm and not self._fits(n):
+            self.pooled -= len(self._warm.pop())  # the largest goes first
+        if not self._fits(n):
+            return False, None
         self.in_use += n
+        return True, None
 
-    async def acquire(self, n: int) -> None:
-        if not self._waiters and self._fits(n):
-            self._grant(n)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, future)
+    async def _wait(self, n: int, wants_buffer: bool) -> LeasedBuffer | None:
+        future: asyncio.Future[LeasedBuffer | None] = asyncio.get_running_loop().create_future()
+        entry = (n, wants_buffer, future)
         self._waiters.append(entry)
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release(n)  # granted just as we were cancelled: give it back
+            if future.done() and not future.cancelled():  # served just as we were cancelled: give it back
+                served = future.result()
+                if served is None:
+                    self.release(n)
+                else:
+                    self.give_back(served)
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(entry)
                 self._wake()
             raise
 
+    def _wake(self) -> None:
+        while self._waiters:
+            n, wants_buffer, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            served, warm = self._serve(n, wants_buffer)
+            if not served:
+                break
+            self._waiters.popleft()
+            future.set_result(warm)
+
+    async def acquire(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit, and hold them (until :meth:`release`)."""
+        if not self._waiters and self._serve(n, False)[0]:
+            return
+        await self._wait(n, False)
+
     def release(self, n: int) -> None:
         self.in_use -= n
         self._wake()
 
-    def _wake(self) -> None:
-        while self._waiters:
-            n, future = self._waiters[0]
-            if future.done():
-                self._waiters.popleft()
-            elif self._fits(n):
-                self._waiters.popleft()
-                self._grant(n)
-                future.set_result(None)
-            else:
-                break
+    async def lease(self, size: int) -> LeasedBuffer:
+        """A writable buffer of ``size`` to ``2 * size`` bytes, counted in :attr:`in_use`
+        by its whole length until :meth:`give_back`: a warm one (its content is stale)
+        or a new, zero-filled one."""
+        if not self._waiters:
+            served, warm = self._serve(size, True)
+            if served:
+                return warm if warm is not None else self._allocate(size)
+        warm = await self._wait(size, True)
+        return warm if warm is not None else self._allocate(size)
+
+    def _allocate(self, size: int) -> LeasedBuffer:
+        try:
+            return new_buffer(size)
+        except BaseException:
+            self.release(size)
+            raise
+
+    def give_back(self, buf: LeasedBuffer) -> None:
+        """Return a leased buffer. A mapped one is kept warm (its bytes move from
+        :attr:`in_use` to :attr:`pooled`) while the pool has room; any other is dropped
+        and its bytes are free."""
+        size = len(buf)
+        self.in_use -= size
+        if (
+            isinstance(buf, mmap.mmap)
+            and len(self._warm) < _WARM_MAX
+            and self.in_use + self.pooled + size <= self.limit
+        ):
+            self.pooled += size
+            self._warm.append(buf)
+            self._warm.sort(key=len)
+        self._wake()
+
+    def drop_warm_buffers(self) -> None:
+        """Drop every warm buffer (their memory is returned once nothing views them)."""
+        self._warm.clear()
+        self.pooled = 0
+        self._wake()
 
 
 class ObjectWriter(ABC):

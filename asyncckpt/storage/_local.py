@@ -238,7 +238,9 @@ class _LocalWriter(ObjectWriter):
         self.key = key
         self._storage = storage
         self._path = storage._path(key)
-        self._tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        # not derived from the target's name: a target name near the file system's limit
+        # (255 bytes) must not make its temporary file's name pass it
+        self._tmp = self._path.with_name(f".{uuid.uuid4().hex}{_TMP_SUFFIX}")
         self._file: AsyncBufferedIOBase | None = None
         self._size = 0
         self._create_only = create_only

@@ -17,6 +17,7 @@ import asyncio
 import builtins
 import contextlib
 import re
+import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ from ._base import (
     record_request,
     validate_key,
 )
-from ._s3_upload import BufferBody, PartBufferPool, S3Writer
+from ._s3_upload import BufferBody, S3Writer
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
@@ -210,7 +211,8 @@ class S3Storage(Storage):
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._part_buffers = PartBufferPool(self.config)
+        # the budgets its writers leased part buffers from: their warm buffers go at close
+        self._budgets: weakref.WeakSet[ByteBudget] = weakref.WeakSet()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -244,7 +246,8 @@ class S3Storage(Storage):
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
-        self._part_buffers.clear()
+        for budget in list(self._budgets):
+            budget.drop_warm_buffers()
         if stack is not None:
             await stack.aclose()
 

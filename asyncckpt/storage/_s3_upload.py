@@ -1,8 +1,9 @@
-"""Uploads to S3: the streaming writer, its pool of part buffers and the zero-copy body.
+"""Uploads to S3: the streaming writer and the zero-copy request body.
 
 An object of at most one part is one PUT; a larger one is a multipart upload whose parts
-go up concurrently while the caller keeps writing. Part buffers are bounded by a
-:class:`~asyncckpt.storage.ByteBudget` and reused across uploads of one storage.
+go up concurrently while the caller keeps writing. Part buffers are leased from a
+:class:`~asyncckpt.storage.ByteBudget`, which keeps them warm between uploads and counts
+them, warm or in flight, against its limit.
 """
 
 from __future__ import annotations
@@ -10,68 +11,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._tasks import shielded
+from ..config import TransferConfig
 from ..errors import CheckpointError, StorageError
-from ._base import Buffer, ByteBudget, ObjectInfo, ObjectWriter, PendingUpload
+from ._base import Buffer, ByteBudget, LeasedBuffer, ObjectInfo, ObjectWriter, PendingUpload
 
-if TYPE_CHECKING:
-    from ..config import TransferConfig
-    from ._s3 import S3Storage
 
-__all__ = ["BufferBody", "PartBufferPool", "S3Writer"]
+class UploadTarget(Protocol):
+    """What :class:`S3Writer` needs of its storage (``S3Storage``), and no more."""
+
+    config: TransferConfig
+    _budgets: weakref.WeakSet[ByteBudget]
+
+    def _key(self, key: str) -> str: ...
+
+    async def _call(self, op: str, key: str | None, *, sent: int = 0, written: int = 0, **kwargs: Any) -> Any: ...
+
+    def url_of(self, key: str) -> str: ...
+
+    async def put(self, key: str, data: Buffer, *, create_only: bool = False) -> None: ...
+
+    async def abort_pending_upload(self, upload: PendingUpload) -> None: ...
+
+
+__all__ = ["BufferBody", "S3Writer"]
 
 _THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
-_POOL_MAX_BUFFERS = 4  # warm part buffers kept between uploads (at most 4 parts' worth of RSS)
-
-
-class PartBufferPool:
-    """Part-sized buffers kept warm between the uploads of one storage.
-
-    :attr:`capacity` is the room in a part buffer: a part plus the small rest a last
-    part may absorb. Pooled buffers are never resized (a request body may still view
-    them), and at most a few are kept, never more than ``max_bytes_in_flight`` allows.
-    """
-
-    def __init__(self, config: TransferConfig):
-        self.capacity = config.part_size + config.part_size // 4
-        self._keep = max(1, min(_POOL_MAX_BUFFERS, config.max_bytes_in_flight // self.capacity))
-        self._free: list[bytearray] = []
-
-    def take(self) -> bytearray:
-        """A buffer of :attr:`capacity` bytes (a warm one when there is one)."""
-        return self._free.pop() if self._free else bytearray(self.capacity)
-
-    def give(self, buf: bytearray) -> None:
-        """Return a buffer; it is kept if it has the pool's size and there is room."""
-        if len(buf) == self.capacity and len(self._free) < self._keep:
-            self._free.append(buf)
-
-    def clear(self) -> None:
-        """Drop every pooled buffer."""
-        self._free.clear()
 
 
 class S3Writer(ObjectWriter):
     """Buffers writes into part-sized buffers; an object of at most one part is one PUT.
 
-    At most ``budget`` bytes of part buffers exist at once (waiting for a slot is how
-    a fast producer is held back); parts upload concurrently under the storage's
-    request limit. Nothing is visible until :meth:`commit` completes the upload.
+    Part buffers are leased from ``budget`` (waiting for one is how a fast producer is
+    held back), so the writer's buffers, in flight or kept warm, never pass its limit.
+    A buffer has room for a part plus the small rest a last part may absorb (never
+    more than the budget). With ``size_hint`` the first buffer is no bigger than the
+    object. Parts upload concurrently under the storage's request limit. Nothing is
+    visible until :meth:`commit` completes the upload.
     """
 
-    def __init__(self, storage: S3Storage, key: str, budget: ByteBudget | None, size_hint: int | None = None):
+    def __init__(self, storage: UploadTarget, key: str, budget: ByteBudget | None, size_hint: int | None = None):
         self.key = key
         self._size_hint = size_hint
         self._absorbing = False  # the last part takes the small rest instead of a tiny extra part
         self._storage = storage
-        self._pool = storage._part_buffers
         self._full_key = storage._key(key)
         self._budget = budget or ByteBudget(storage.config.max_bytes_in_flight)
+        storage._budgets.add(self._budget)  # its warm buffers are dropped when the storage closes
         self._part_size = storage.config.part_size
-        self._buf: bytearray | None = None
+        self._capacity = max(self._part_size, min(self._part_size + self._part_size // 4, self._budget.limit))
+        self._buf: LeasedBuffer | None = None
+        self._view = memoryview(b"")  # of the current buffer
         self._fill = 0
         self._size = 0
         self._upload_id: str | None = None
@@ -82,11 +76,24 @@ class S3Writer(ObjectWriter):
         self._creating: asyncio.Future[Any] | None = None
 
     async def _new_buffer(self) -> None:
-        await self._budget.acquire(self._pool.capacity)
-        # The first part grows with the data, so a small object never pays for a
-        # part-sized buffer; later parts reuse warm pooled buffers.
-        self._buf = bytearray() if self._next_part == 1 else self._pool.take()
+        size = self._capacity
+        if self._next_part == 1 and self._size_hint is not None:
+            size = max(1, min(size, self._size_hint))  # a small object never holds a part-sized buffer
+        self._buf = await self._budget.lease(size)
+        self._view = memoryview(self._buf)
         self._fill = 0
+
+    async def _move_to_a_full_buffer(self) -> None:
+        """The first buffer, sized by a size hint that proved too small, is full: carry
+        on in a buffer of full size (the old one is returned first, so this can never
+        wait on itself)."""
+        assert self._buf is not None
+        held = bytes(self._view[: self._fill])
+        self._release_current()
+        self._buf = await self._budget.lease(self._capacity)
+        self._view = memoryview(self._buf)
+        self._view[: len(held)] = held
+        self._fill = len(held)
 
     async def write(self, data: Buffer) -> None:
         if self._closed:
@@ -95,19 +102,23 @@ class S3Writer(ObjectWriter):
         while view.nbytes:
             if self._buf is None:
                 await self._new_buffer()
-            assert self._buf is not None
-            limit = self._pool.capacity if self._absorbing else self._part_size
-            n = min(view.nbytes, limit - self._fill)
+            limit = self._capacity if self._absorbing else self._part_size
+            room = min(limit, self._view.nbytes) - self._fill
+            if room <= 0:
+                await self._move_to_a_full_buffer()
+                continue
+            n = min(view.nbytes, room)
+            target = self._view[self._fill : self._fill + n]
             if n >= _THREAD_COPY_MIN:
-                await asyncio.to_thread(_copy_into, self._buf, self._fill, view[:n])
+                await asyncio.to_thread(target.__setitem__, slice(None), view[:n])
             else:
-                self._buf[self._fill : self._fill + n] = view[:n]
+                target[:] = view[:n]
             self._fill += n
             self._size += n
             view = view[n:]
             if self._fill == self._part_size and not self._absorbing:
                 rest = (self._size_hint or 0) - self._size
-                if 0 < rest <= self._part_size // 4:
+                if 0 < rest <= self._capacity - self._part_size:
                     self._absorbing = True  # what is left joins this part: no tiny last part
                 else:
                     await self._flush_part()
@@ -125,13 +136,14 @@ class S3Writer(ObjectWriter):
         if self._upload_id is None:
             await self._start_upload()
         buf, fill = self._buf, self._fill
-        self._buf, self._fill = None, 0
         assert buf is not None
+        body = self._view[:fill]
+        self._buf, self._view, self._fill = None, memoryview(b""), 0
         number = self._next_part
         self._next_part += 1
-        task = asyncio.create_task(self._upload_part(number, buf, fill))
-        # released by a callback: it runs even if the task is cancelled before it starts
-        task.add_done_callback(lambda _, buf=buf: self._release_part(buf))  # type: ignore[misc]
+        task = asyncio.create_task(self._upload_part(number, body, fill))
+        # given back by a callback: it runs even if the task is cancelled before it starts
+        task.add_done_callback(lambda _, buf=buf: self._budget.give_back(buf))  # type: ignore[misc]
         self._tasks.add(task)
 
     async def _start_upload(self) -> None:
@@ -143,12 +155,8 @@ class S3Writer(ObjectWriter):
         response = await asyncio.shield(self._creating)
         self._upload_id = response["UploadId"]
 
-    def _release_part(self, buf: bytearray) -> None:
-        self._pool.give(buf)
-        self._budget.release(self._pool.capacity)
-
-    async def _upload_part(self, number: int, buf: bytearray, fill: int) -> None:
-        body = BufferBody(memoryview(buf)[:fill])
+    async def _upload_part(self, number: int, view: memoryview, fill: int) -> None:
+        body = BufferBody(view)
         response = await self._storage._call(
             "upload_part",
             self.key,
@@ -174,8 +182,7 @@ class S3Writer(ObjectWriter):
             if self._upload_id is None:
                 # small object: one PUT of whatever is buffered (the buffer is released
                 # once the request is done with it)
-                buf = self._buf if self._buf is not None else bytearray()
-                await self._storage.put(self.key, memoryview(buf)[: self._fill])
+                await self._storage.put(self.key, self._view[: self._fill])
                 self._release_current()
             else:
                 if self._fill:
@@ -198,8 +205,8 @@ class S3Writer(ObjectWriter):
 
     def _release_current(self) -> None:
         if self._buf is not None:
-            self._release_part(self._buf)
-            self._buf = None
+            buf, self._buf, self._view, self._fill = self._buf, None, memoryview(b""), 0
+            self._budget.give_back(buf)
 
     async def abort(self) -> None:
         if self._closed:
@@ -262,8 +269,3 @@ class BufferBody:
             pos += self._CHUNK
             if pos < view.nbytes:
                 await asyncio.sleep(0)
-
-
-def _copy_into(buf: bytearray, offset: int, view: memoryview) -> None:
-    # slice assignment grows a bytearray whose length is ``offset`` (the growing first part)
-    buf[offset : offset + view.nbytes] = view

@@ -54,3 +54,41 @@ def test_quick_bench_measures_every_peer_and_writes_json(tmp_path: Path):
             continue
         assert target["measured"] is not None and target["met"] in (True, False), name
     assert "| ckpt_save: asyncckpt save |" in data["markdown"]
+
+
+@pytest.mark.timeout(90)
+def test_quick_scale_bench_reports_every_section_and_target_as_json(tmp_path: Path):
+    out = tmp_path / "scale.json"
+
+    result = CliRunner().invoke(bench_command, ["--scale", "--quick", "--json", str(out)], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert "issue 9 targets" in result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["quick"] is True and data["meta"]["aborted"] is None
+    commit = data["commit"]["scales"]
+    assert len(commit) == 2
+    for row in commit:
+        assert row["status"] == row["resume_status"] == "ok", row
+        assert row["resume_epoch"] == data["commit"]["epochs"] == row["listed_epochs"]
+        assert row["commit_requests"] == 3  # the index, the decision, the manifest
+        assert row["resume_requests"] >= 1 and row["resume_bytes"] > 0 and row["commit_cpu_s"] >= 0
+    jobs = data["processes"]["runs"]
+    assert [r["processes"] for r in jobs] == [2, 4]
+    for row in jobs:
+        assert row["status"] == "ok", row
+        assert row["requests_per_epoch"] >= row["processes"]  # a shard per process at least
+        assert row["requests_per_epoch_per_process"] == pytest.approx(row["requests_per_epoch"] / row["processes"])
+    partial = data["partial"]["rows"]
+    assert {(r["op"], r["coalesce_gap"]) for r in partial} == {
+        ("full_load", None),
+        ("partial_load", None),
+        ("partial_load", 0),
+    }
+    assert all(r["status"] == "ok" and r["requests"] >= 1 and r["wall_s"] > 0 for r in partial), partial
+    memory = data["memory"]["rows"]
+    assert len(memory) == 3 and all(r["status"] == "ok" and r["extra_rss_mib"] >= 0 for r in memory), memory
+    targets = data["targets"]
+    assert len(targets) == 13
+    assert all(t["met"] in (True, False) for t in targets), targets
+    assert "| target | measured | limit | status |" in data["markdown"]

@@ -36,6 +36,7 @@ ASYNCCKPT = {
     "NodeRecord",
     "NodeStats",
     "ObjectTooShortError",
+    "Retention",
     "SaveHandle",
     "StorageError",
     "SyncCheckpointManager",

@@ -4,6 +4,7 @@ what a failed or refused save leaves behind.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -157,6 +158,23 @@ async def test_an_unsupported_blob_raises_type_error_naming_node_and_blob_and_wr
     assert snapshot(fresh) == epoch0
 
 
+async def test_a_masked_array_is_refused_by_save_and_save_async_naming_node_and_blob_and_writes_nothing(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    workspaces = sample_workspaces()
+    workspaces["trainer_1"]["masked"] = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    async with manager(location) as mgr:
+        await mgr.init(workspaces)
+        for save in (mgr.save, mgr.save_async):  # save_async used to drop the mask silently
+            with pytest.raises(TypeError) as info:
+                await save(0)
+            message = str(info.value)
+            assert "trainer_1" in message and "'masked'" in message, save
+            assert "masked arrays are not supported" in message, save
+        assert await raw_storages.stored_keys(location) == []
+        assert await mgr.get_resume_from_epoch_id() is None
+
+
 async def test_load_after_deleted_shard_leaves_every_workspace_unchanged(
     location: Any, raw_storages: RawStorages
 ) -> None:
@@ -211,3 +229,32 @@ async def test_load_of_a_corrupted_blob_raises_corrupted_naming_it_and_leaves_ev
         assert "trainer_2" in message and "weights" in message
         assert isinstance(info.value, ValueError)
         assert snapshot(workspaces) == before
+
+
+LONGEST_NODE_NAMES = ("a" * 200, "b" * 200)  # validate_node_name's maximum: 200 characters
+
+
+async def test_nodes_with_the_longest_allowed_names_save_and_load_in_one_process_and_in_a_job(location: Any) -> None:
+    # The longest file a node gets on a local directory is "<node>.receipt.json" (213
+    # bytes); no temporary name of a write may pass the 255-byte limit of a file name.
+    workspaces = sample_workspaces(LONGEST_NODE_NAMES)
+    saved = snapshot(workspaces)
+    async with manager(location) as mgr:
+        await mgr.init(workspaces)
+        await mgr.save(0)
+    async with manager(location, run_id="job") as first, manager(location, run_id="job") as second:
+        await first.init(
+            list(LONGEST_NODE_NAMES), local_nodes={LONGEST_NODE_NAMES[0]: workspaces[LONGEST_NODE_NAMES[0]]}
+        )
+        await second.init(
+            list(LONGEST_NODE_NAMES), local_nodes={LONGEST_NODE_NAMES[1]: workspaces[LONGEST_NODE_NAMES[1]]}
+        )
+        async with asyncio.TaskGroup() as tg:  # each process writes its shard and receipt
+            tg.create_task(first.save(1))
+            tg.create_task(second.save(1))
+    for epoch in (0, 1):
+        fresh: dict[str, dict[str, Any]] = {node: {} for node in LONGEST_NODE_NAMES}
+        async with manager(location) as reader:
+            await reader.init(fresh)
+            await reader.load(epoch)
+        assert snapshot(fresh) == saved, epoch

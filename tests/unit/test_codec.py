@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -305,11 +306,26 @@ def test_arrays_nested_in_containers_round_trip_and_are_writable(readonly: bool)
         array[...] = 0
 
 
+def test_memmap_round_trips_as_a_plain_array_of_its_data(tmp_path: Any) -> None:
+    mapped = np.memmap(tmp_path / "weights.bin", dtype=np.float32, mode="w+", shape=(3, 4))
+    mapped[:] = np.arange(12, dtype=np.float32).reshape(3, 4)
+    decoded = round_trip(mapped)
+    assert type(decoded) is np.ndarray
+    assert_same(decoded, np.asarray(mapped))
+    del mapped  # closes the mapping
+
+
 # --------------------------------------------------------------------------- unsupported values
 
 
 class _Custom:
     pass
+
+
+def _matrix() -> np.matrix[Any, Any]:
+    with warnings.catch_warnings():  # numpy discourages np.matrix: that is the point here
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.matrix([[1, 2], [3, 4]])
 
 
 def _cyclic_list() -> list[Any]:
@@ -327,6 +343,13 @@ UNSUPPORTED = {
     "structured dtype": (np.zeros(2, dtype=[("a", "i4"), ("b", "f8")]), "dtype"),
     "object dtype": (np.array([1, None], dtype=object), "dtype object"),
     "structured numpy scalar": (np.zeros(1, dtype=[("a", "i4")])[0], "dtype [('a', '<i4')]"),
+    "masked array": (
+        np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False]),
+        "numpy.ma.MaskedArray: masked arrays are not supported (save .data and .mask as two blobs)",
+    ),
+    "masked array without a mask": (np.ma.masked_array(np.arange(3)), "masked arrays are not supported"),
+    "matrix": (_matrix(), "numpy.matrix: ndarray subclasses are not supported"),
+    "record array": (np.rec.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]), "ndarray subclasses"),
 }
 
 
@@ -419,6 +442,39 @@ def assemble_shard(node: str, blobs: dict[str, Any]) -> tuple[bytes, dict[str, B
         offset += blob.length
     parts.append(codec.shard_trailer(index, offset))
     return b"".join(parts), index
+
+
+def test_index_packed_blob_by_blob_is_the_index_of_the_whole_map_and_within_the_size_bound() -> None:
+    header = codec.shard_header(NODE)
+    encoded = codec.encode_blobs(NODE, SHARD_BLOBS)
+    index = codec.ShardIndex(len(encoded))
+    whole: dict[str, BlobEntry] = {}
+    offset = len(header)
+    for blob in encoded:
+        crc = codec.checksum(blob.payload)
+        index.add(blob, offset, crc)
+        whole[blob.name] = blob.entry(offset, crc)
+        offset += blob.length
+    trailer, index_crc = index.trailer(offset)
+    assert bytes(trailer) == codec.shard_trailer(whole, offset)
+    assert index_crc == codec.checksum(memoryview(trailer)[: -codec.TRAILER_SIZE])
+    size = offset + len(trailer)
+    assert size <= codec.shard_size_bound(header, encoded) <= size + 4 * len(encoded)  # CRCs packed widest
+
+
+def test_encoded_blob_derives_payload_length_dtype_and_shape_from_its_source() -> None:
+    fortran = np.asfortranarray(np.arange(6, dtype=">i4").reshape(2, 3))
+    (blob,) = codec.encode_blobs(NODE, {"f": fortran})
+    assert (blob.encoding, blob.length, blob.dtype, blob.shape, blob.order) == ("ndarray", 24, ">i4", (2, 3), "F")
+    assert blob.payload.nbytes == 24 and np.shares_memory(np.frombuffer(blob.payload, dtype=np.uint8), fortran)
+    (raw,) = codec.encode_blobs(NODE, {"r": memoryview(np.arange(4, dtype=np.int16))})
+    assert (raw.encoding, raw.length, raw.dtype, raw.shape, bytes(raw.payload)) == (
+        "bytes",
+        8,
+        None,
+        None,
+        np.arange(4, dtype=np.int16).tobytes(),
+    )
 
 
 def test_assembled_shard_parses_back_to_its_blobs() -> None:

@@ -36,9 +36,16 @@ are skipped and what was done is reported.
 The server gets glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` tunables
 (``env_lab.md`` section 4.6); the clients run with default glibc settings. Loopback only.
 
+``--scale`` runs another benchmark instead (:mod:`._scale`): what the commit record,
+resume, multi-process commits, partial loads and the memory of a save cost as nodes,
+blobs and processes grow, with issue 9's targets.
+
 Modules: ``_state`` (ops, the state, settings), ``_ops`` (the measured operations),
 ``_child`` (a measurement's process), ``_meters`` (``/proc`` and log readings), ``_run``
-(the driver), ``_report`` (medians, ratios, targets, the table).
+(the driver), ``_report`` (medians, ratios, targets, the table); ``_scale`` (the scale
+benchmark's driver), ``_scale_ops`` (its measured operations and their process),
+``_scale_log`` (the server's log, request by request), ``_scale_report`` (its targets
+and tables).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pathlib import Path
 import click
 
 from .. import EXIT_ERROR, EXIT_OK, fail, run_coroutine
+from ._scale_sizes import DEFAULT_SCALE_BUDGET_S, DEFAULT_SCALE_OP_TIMEOUT_S
 from ._state import DEFAULT_BUDGET_S, DEFAULT_OP_TIMEOUT_S, OPS
 
 __all__ = ["OPS", "bench"]
@@ -82,6 +90,13 @@ __all__ = ["OPS", "bench"]
     help="Write every measurement, the medians, ratios and targets here.",
 )
 @click.option("--quick", is_flag=True, help="A small, fast run: 32 MiB and 1 repetition (explicit options win).")
+@click.option(
+    "--scale",
+    is_flag=True,
+    help="Run the scale benchmark instead: commit record, resume, multi-process commit, partial loads and save "
+    "memory at 1024 nodes x 1000 blobs, 2-32 processes, 8000 blobs, 64 MiB-1 GiB (--quick: small sizes). "
+    "Only --quick, --json, --budget-s and --op-timeout-s apply to it.",
+)
 @click.option(
     "--part-size-mib",
     type=click.FloatRange(min=5),
@@ -122,16 +137,16 @@ __all__ = ["OPS", "bench"]
 @click.option(
     "--budget-s",
     type=click.FloatRange(min=1),
-    default=DEFAULT_BUDGET_S,
-    show_default=True,
-    help="Total time budget; past it the remaining measurements are skipped.",
+    default=None,
+    help=f"Total time budget; past it the remaining measurements are skipped.  [default: {DEFAULT_BUDGET_S:g}; "
+    f"--scale: {DEFAULT_SCALE_BUDGET_S:g}]",
 )
 @click.option(
     "--op-timeout-s",
     type=click.FloatRange(min=1),
-    default=DEFAULT_OP_TIMEOUT_S,
-    show_default=True,
-    help="Timeout of one measured operation.",
+    default=None,
+    help=f"Timeout of one measured operation.  [default: {DEFAULT_OP_TIMEOUT_S:g}; --scale: "
+    f"{DEFAULT_SCALE_OP_TIMEOUT_S:g}]",
 )
 def bench(
     state_mib: float | None,
@@ -140,6 +155,7 @@ def bench(
     reps: int | None,
     json_path: Path | None,
     quick: bool,
+    scale: bool,
     part_size_mib: float | None,
     range_size_mib: float | None,
     max_concurrency: int | None,
@@ -147,8 +163,8 @@ def bench(
     checksum_mode: str | None,
     payload_signing: bool | None,
     baseline_part_size_mib: float | None,
-    budget_s: float,
-    op_timeout_s: float,
+    budget_s: float | None,
+    op_timeout_s: float | None,
 ) -> None:
     """Benchmark asyncckpt against bare aioboto3 and boto3's s3transfer on a local S3
     server (moto_server on 127.0.0.1, started and stopped here), on the same bytes.
@@ -160,6 +176,9 @@ def bench(
     """
     from rich.console import Console
 
+    if scale:
+        _bench_scale(quick, json_path, budget_s, op_timeout_s)
+        return
     from ._run import run_bench  # the driver and its report: loaded when the command runs
 
     if state_mib is None:
@@ -183,11 +202,34 @@ def bench(
                 checksum_mode=checksum_mode,
                 payload_signing=payload_signing,
                 baseline_part_size_mib=baseline_part_size_mib,
-                budget_s=budget_s,
-                op_timeout_s=op_timeout_s,
+                budget_s=DEFAULT_BUDGET_S if budget_s is None else budget_s,
+                op_timeout_s=DEFAULT_OP_TIMEOUT_S if op_timeout_s is None else op_timeout_s,
             )
         )
     except (RuntimeError, ValueError, OSError) as exc:
         fail(exc)
     ran = any(r.get("n") for r in result["rows"].values())
     raise SystemExit(EXIT_OK if ran else EXIT_ERROR)
+
+
+def _bench_scale(quick: bool, json_path: Path | None, budget_s: float | None, op_timeout_s: float | None) -> None:
+    """``bench --scale``: run :func:`~._scale.run_scale`; exit 0 when every section ran."""
+    from rich.console import Console
+
+    from ._scale import run_scale  # loaded when the command runs
+
+    console = Console(width=max(Console().width, 160))
+    try:
+        result = run_coroutine(
+            run_scale(
+                quick=quick,
+                out_json=json_path,
+                console=console,
+                budget_s=DEFAULT_SCALE_BUDGET_S if budget_s is None else budget_s,
+                op_timeout_s=DEFAULT_SCALE_OP_TIMEOUT_S if op_timeout_s is None else op_timeout_s,
+            )
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        fail(exc)
+    measured = [t for t in result["targets"] if t["met"] is not None]
+    raise SystemExit(EXIT_OK if measured else EXIT_ERROR)
