@@ -139,7 +139,7 @@ class JobRunner:
                 if epoch == num_epochs:
                     await self._settle(pending)
                     pending = None
-                    await self._manager.save(epoch, **_metrics_argument(metrics))
+                    await self._manager.save(epoch, metrics=metrics)
                 elif self._save_due(epoch, last_save_at):
                     await self._settle(pending)
                     last_save_at = self._clock()
@@ -172,7 +172,7 @@ class JobRunner:
     async def _save_in_background(self, epoch: int, metrics: dict[str, float] | None) -> SaveHandle | None:
         """Start a background save of ``epoch``; a storage failure is recorded, not raised."""
         try:
-            return await self._manager.save_async(epoch, **_metrics_argument(metrics))
+            return await self._manager.save_async(epoch, metrics=metrics)
         except CheckpointError as exc:
             self._record_failure(epoch, exc)
             return None
@@ -195,10 +195,6 @@ class JobRunner:
             f"JobRunner({self._manager!r}, save_every={self._save_every!r}, "
             f"save_every_seconds={self._save_every_seconds!r})"
         )
-
-
-def _metrics_argument(metrics: dict[str, float] | None) -> dict[str, Any]:
-    return {} if metrics is None else {"metrics": metrics}
 
 
 def _is_int(value: object) -> bool:

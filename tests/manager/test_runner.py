@@ -25,7 +25,6 @@ from tests.support.crash_child import assert_state_equal
 from tests.support.faultproxy import FaultProxy, Hold, Request, Respond
 from tests.support.locations import manager
 from tests.support.runner_child import (
-    METRICS,
     NODES,
     assert_same_as_uninterrupted,
     initial_state,
@@ -83,8 +82,7 @@ def training(workspaces: dict[str, Any]) -> Callable[[int], dict[str, float] | N
     """A plain ``train_epoch`` of the child job's training, on ``workspaces``."""
 
     def train_epoch(epoch: int) -> dict[str, float] | None:
-        metrics = train_step(workspaces, epoch)
-        return metrics if METRICS else None
+        return train_step(workspaces, epoch)
 
     return train_epoch
 
@@ -255,8 +253,6 @@ async def test_a_training_epoch_overlaps_the_previous_save(s3_endpoint: str, s3_
 
 
 async def test_metrics_returned_by_train_epoch_reach_the_manifest(memory_url: str) -> None:
-    if not METRICS:
-        pytest.skip("save(metrics=...) is not on this branch yet")
     async with MultiNodeCheckpointManager(memory_url) as mgr:
         await mgr.init({"n": {"x": 0}})
         await JobRunner(mgr, save_every=2).run(lambda epoch: {"loss": 1.0 / epoch, "epoch": float(epoch)}, 3)
@@ -294,6 +290,16 @@ async def test_state_that_cannot_be_saved_stops_the_run_at_once(memory_url: str)
         with pytest.raises(TypeError):
             await JobRunner(mgr).run(lambda epoch: recorder(epoch) or mgr.workspace("n").update(x=object()), 4)
         assert recorder.epochs == [1] and await mgr.committed_epochs() == [0]
+
+
+async def test_metrics_that_cannot_be_kept_stop_the_run_at_once(memory_url: str) -> None:
+    """A NaN loss is refused by the save before anything is written: raised, not recorded."""
+    async with MultiNodeCheckpointManager(memory_url) as mgr:
+        await mgr.init({"n": {"x": 0}})
+        runner = JobRunner(mgr)
+        with pytest.raises(ValueError, match="metric 'loss' must be finite"):
+            await runner.run(lambda epoch: {"loss": float("nan") if epoch == 2 else 1.0}, 4)
+        assert runner.failed_saves == [] and await mgr.committed_epochs() == [0, 1]
 
 
 # ---------------------------------------------------------------------------- failing saves

@@ -34,18 +34,6 @@ SEED = 11
 WAIT = 30.0
 
 
-def _saves_take_metrics() -> bool:
-    import inspect
-
-    from asyncckpt import MultiNodeCheckpointManager
-
-    return "metrics" in inspect.signature(MultiNodeCheckpointManager.save_async).parameters
-
-
-#: the manager keeps metrics in its commit records (``save(epoch, metrics=...)``)
-METRICS = _saves_take_metrics()
-
-
 def initial_state() -> dict[str, dict[str, Any]]:
     """The workspaces before training (epoch 0)."""
     return {
@@ -151,8 +139,7 @@ async def assert_same_as_uninterrupted(location: Any, num_epochs: int, final_lin
             await mgr.load(epoch)
             for node in NODES:
                 assert_state_equal(dict(mgr.workspace(node)), want[node], f"epoch {epoch} node {node}")
-            if METRICS:
-                assert manifests[epoch].metrics == metrics[epoch], epoch
+            assert manifests[epoch].metrics == metrics[epoch], epoch
 
 
 def _copy(workspaces: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -187,23 +174,21 @@ async def run_with_job_runner(args: argparse.Namespace, options: dict[str, Any] 
             future = asyncio.run_coroutine_threadsafe(mgr.committed_epochs(), loop)
             return epoch in future.result(WAIT)
 
-        def train_epoch(epoch: int) -> dict[str, float] | None:  # runs in a worker thread
+        def train_epoch(epoch: int) -> dict[str, float]:  # runs in a worker thread
             if args.kill_after is not None and epoch == args.kill_after + 1:
                 if not args.in_flight:
                     _wait_until(lambda: committed(args.kill_after))
                 _die()
-            metrics = train_step(workspaces, epoch)
-            return metrics if METRICS else None
+            return train_step(workspaces, epoch)
 
-        async def train_epoch_async(epoch: int) -> dict[str, float] | None:
+        async def train_epoch_async(epoch: int) -> dict[str, float]:
             if args.kill_after is not None and epoch == args.kill_after + 1:
                 deadline = time.monotonic() + WAIT
                 while not args.in_flight and args.kill_after not in await mgr.committed_epochs():
                     assert time.monotonic() < deadline, "the awaited epoch was never committed"
                     await asyncio.sleep(0.01)
                 _die()
-            metrics = train_step(workspaces, epoch)
-            return metrics if METRICS else None
+            return train_step(workspaces, epoch)
 
         runner = JobRunner(mgr)
         last = await runner.run(train_epoch_async if args.mode == "runner-async" else train_epoch, args.num_epochs)
@@ -236,7 +221,7 @@ def run_sync_loop(args: argparse.Namespace, options: dict[str, Any] | None) -> N
             metrics = train_step(workspaces, epoch)
             if pending is not None:
                 pending.result()
-            pending = mgr.save_async(epoch, **({"metrics": metrics} if METRICS else {}))
+            pending = mgr.save_async(epoch, metrics=metrics)
             if epoch == args.kill_after:
                 if not args.in_flight:
                     pending.result()
