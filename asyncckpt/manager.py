@@ -40,8 +40,9 @@ from .housekeeping import (
     prune,
 )
 from .manifest import EpochIndex, EpochManifest, check_metrics, read_index, read_manifest
+from .progress import Progress, check_progress, reporting
 from .retention import Retention
-from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces
+from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces, shards_size_bound
 from .stats import StatsBook
 from .storage import PATH_TYPES, ByteBudget, Storage, reader_for, storage_for
 from .transfer import load_partial, load_whole
@@ -279,12 +280,16 @@ class MultiNodeCheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    async def save(self, epoch: int, metrics: Mapping[str, float] | None = None) -> None:
+    async def save(
+        self, epoch: int, metrics: Mapping[str, float] | None = None, *, progress: Progress | None = None
+    ) -> None:
         """Save every blob of every local node's workspace as of this call, then commit.
 
         ``metrics`` (names to finite numbers, e.g. ``{"loss": 0.31}``) are kept in the
         epoch's manifest (``EpochManifest.metrics``), for :class:`~asyncckpt.Retention`'s
         best-k and for ``asyncckpt ls``; in a multi-process job, the committing process's.
+        ``progress(bytes_done, bytes_total)`` is called from the event loop as the local
+        shards are written (throttled), with ``(total, total)`` last.
 
         Raises :class:`TypeError` (nothing written) for an unsupported blob,
         :class:`CheckpointConflictError` if the epoch is already committed (or another
@@ -301,14 +306,16 @@ class MultiNodeCheckpointManager:
         missing nodes and the epoch stays uncommitted.
         """
         layout.validate_epoch(epoch)
-        checked = check_metrics(metrics)
+        checked, progress = check_metrics(metrics), check_progress(progress)
         workspaces = self._require_init("save()")
         await self._background.drain()
         current = {node: dict(ws) for node, ws in workspaces.items()}
         encoded = await asyncio.to_thread(encode_workspaces, current)
-        await self._save_encoded(epoch, encoded, checked)
+        await self._save_encoded(epoch, encoded, checked, progress)
 
-    async def save_async(self, epoch: int, metrics: Mapping[str, float] | None = None) -> SaveHandle:
+    async def save_async(
+        self, epoch: int, metrics: Mapping[str, float] | None = None, *, progress: Progress | None = None
+    ) -> SaveHandle:
         """Snapshot every local workspace now; upload and commit in the background.
 
         Returns as soon as the state is copied (the caller may change its workspaces
@@ -321,20 +328,23 @@ class MultiNodeCheckpointManager:
         (one extra copy of the state stays allocated until :meth:`close`); everything
         else is encoded on the spot. Unsupported blobs raise :class:`TypeError` here;
         an already committed epoch raises :class:`CheckpointConflictError` from the
-        handle (the probe is not worth holding the caller for). ``metrics`` as for
-        :meth:`save`; the retention rules, if any, run in the background too.
+        handle (the probe is not worth holding the caller for). ``metrics`` and
+        ``progress`` as for :meth:`save` (the upload's progress, reported in the
+        background); the retention rules, if any, run in the background too.
         """
         started = time.perf_counter()
         layout.validate_epoch(epoch)
-        checked = check_metrics(metrics)
+        checked, progress = check_metrics(metrics), check_progress(progress)
         workspaces = self._require_init("save_async()")
         await self._background.drain()
         await self._ensure_open()
         encoded, staging = await self._background.snapshot(workspaces)
-        upload = self._save_encoded(epoch, encoded, checked)
+        upload = self._save_encoded(epoch, encoded, checked, progress)
         return self._background.start(epoch, upload, staging, time.perf_counter() - started)
 
-    async def _save_encoded(self, epoch: int, encoded: Encoded, metrics: Mapping[str, float]) -> None:
+    async def _save_encoded(
+        self, epoch: int, encoded: Encoded, metrics: Mapping[str, float], progress: Progress | None = None
+    ) -> None:
         """Upload the local nodes' shards as a new attempt at ``epoch``, commit it, then
         apply the retention rules."""
         await self._ensure_open()
@@ -347,7 +357,8 @@ class MultiNodeCheckpointManager:
         attempt = SaveAttempt(
             self._storage, self._budget, self._config, self._db_type, self._run_id, self.nodes, epoch, token, metrics
         )
-        staged = await attempt.upload(encoded)
+        with reporting(progress, shards_size_bound(encoded)):
+            staged = await attempt.upload(encoded)
         state.staged, state.decided = staged.manifest, staged.decided
         try:
             await self.write_checkpoint_metadata(epoch)
@@ -391,15 +402,24 @@ class MultiNodeCheckpointManager:
 
     # ------------------------------------------------------------------ load
 
-    async def load(self, epoch: int, path_prefix: str | None = None, path_type: str | None = None) -> None:
+    async def load(
+        self,
+        epoch: int,
+        path_prefix: str | None = None,
+        path_type: str | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> None:
         """Restore every node's blobs of ``epoch`` into its workspace, all or nothing.
 
         Everything is fetched and verified before any workspace changes; on any error
         every workspace is as it was. Loaded blobs replace same-named entries; other
         entries are left alone. An epoch deleted while it loads is
-        :class:`CheckpointNotFoundError`.
+        :class:`CheckpointNotFoundError`. ``progress(bytes_done, bytes_total)`` is called
+        from the event loop as shard bytes arrive (throttled).
         """
         layout.validate_epoch(epoch)
+        progress = check_progress(progress)
         workspaces = self._require_init("load()")
         if path_prefix or path_type:
             self.set_params(self.nodes, path_prefix, path_type)
@@ -409,7 +429,8 @@ class MultiNodeCheckpointManager:
         try:
             index = await read_index(storage, await read_manifest(storage, epoch))
             _check_nodes_present(index, list(workspaces))
-            values, node_stats = await load_whole(storage, self._config, index, list(workspaces))
+            with reporting(progress, sum(index.nodes[node].size for node in workspaces)):
+                values, node_stats = await load_whole(storage, self._config, index, list(workspaces))
         except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
             if await storage.exists(layout.manifest_key(epoch)):
                 raise

@@ -22,6 +22,7 @@ from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
 from .manifest import NodeRecord, NodeStats
+from .progress import advance
 from .storage import ByteBudget, ObjectWriter, Storage, collect_request_stats
 
 __all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
@@ -103,6 +104,7 @@ class _GatheredWrites:
             crc = await asyncio.to_thread(codec.checksum, view) if size >= _THREAD_MIN else codec.checksum(view)
         self.crc = codec.checksum_combine(self.crc, crc, size)
         await self._writer.write(view)
+        advance(size)
 
     async def flush(self) -> None:
         """Write what is gathered."""
@@ -110,6 +112,7 @@ class _GatheredWrites:
             pending, self._pending = self._pending, bytearray()
             self.crc = codec.checksum(pending, self.crc)
             await self._writer.write(pending)
+            advance(len(pending))
 
 
 def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:
@@ -151,11 +154,13 @@ class ShardReader:
         # compacts memory to find them (THP defrag "madvise"), first touch is far slower.
         buffer = memoryview(bytearray(end - start))
         key = self.record.shard
+
+        async def piece(lo: int, hi: int) -> None:
+            await self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            advance(hi - lo)
+
         try:
-            await run_all(
-                self.storage.read_into(key, buffer[lo - start : hi - start], lo)
-                for lo, hi in split_range(start, end, self.config.range_size)
-            )
+            await run_all(piece(lo, hi) for lo, hi in split_range(start, end, self.config.range_size))
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
         except ObjectTooShortError:

@@ -21,7 +21,7 @@ import numpy as np
 from . import codec
 from .codec import EncodedBlob
 
-__all__ = ["BackgroundSaves", "SaveHandle", "StagingBuffers", "encode_workspaces"]
+__all__ = ["BackgroundSaves", "SaveHandle", "StagingBuffers", "encode_workspaces", "shards_size_bound"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -79,6 +79,12 @@ def encode_workspaces(workspaces: Mapping[str, Mapping[str, Any]], staging: Stag
     if staging is not None:
         staging.keep_only(workspaces)
     return encoded
+
+
+def shards_size_bound(encoded: Encoded) -> int:
+    """An upper bound of the bytes the shards of ``encoded`` take (their sizes, known
+    before any byte is written)."""
+    return sum(codec.shard_size_bound(codec.shard_header(node), blobs) for node, blobs in encoded.items())
 
 
 class SaveHandle:

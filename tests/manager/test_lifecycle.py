@@ -9,6 +9,7 @@ other committed epoch stays intact.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -252,3 +253,42 @@ async def test_a_delete_paused_at_each_step_beside_loads_and_saves(
         await deleting
     await check_epochs_load(location, [1, 3, 4])
     assert not [k for k in await keys_of(location) if "/000000000002/" in k]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize("how", ["save", "save_async", "load"])
+async def test_progress_is_reported_from_the_loop_up_to_the_total(location: Any, how: str) -> None:
+    calls: list[tuple[int, int]] = []
+    loop_thread = threading.get_ident()
+
+    def progress(done: int, total: int) -> None:
+        assert threading.get_ident() == loop_thread, "progress must be called from the event loop"
+        calls.append((done, total))
+
+    big = {node: {"w": np.arange(300_000, dtype=np.float64) + i} for i, node in enumerate(NODES)}  # 2.4 MB each
+    async with manager(location) as mgr:
+        await mgr.init(big)
+        if how == "save":
+            await mgr.save(1, progress=progress)
+        elif how == "save_async":
+            await (await mgr.save_async(1, progress=progress))
+        else:
+            await mgr.save(1)
+            await mgr.load(1, progress=progress)
+        shard_bytes = (await mgr.report_checkpoint_stats("checkpoint_save"))["bytes"]
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1]
+    totals = {total for _, total in calls}
+    assert len(totals) == 1 and totals.pop() >= shard_bytes
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+async def test_a_progress_that_is_not_callable_is_refused_before_anything_is_written(location: Any) -> None:
+    async with manager(location) as mgr:
+        await mgr.init(state(1))
+        with pytest.raises(TypeError, match="progress"):
+            await mgr.save(1, progress=42)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="progress"):
+            await mgr.save_async(1, progress="bar")  # type: ignore[arg-type]
+    assert await keys_of(location) == set()
