@@ -440,8 +440,6 @@ def test_example_script(tmp_path: Path, where: str) -> None:
 
 
 def test_the_readme_snippet_runs_as_written_and_resumes(tmp_path: Path) -> None:
-    heading, url = "### A training driver: `JobRunner`", "s3://my-bucket/runs/exp2"
-    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == [
-        "epoch 10 is committed; resumed from None; failed: []"
-    ]
-    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == ["epoch 10 is committed; resumed from 10; failed: []"]
+    name, url = "job-runner", "s3://my-bucket/runs/exp2"
+    assert run_readme_snippet(name, url, tmp_path / "ckpt") == ["epoch 10 is committed; resumed from None; failed: []"]
+    assert run_readme_snippet(name, url, tmp_path / "ckpt") == ["epoch 10 is committed; resumed from 10; failed: []"]

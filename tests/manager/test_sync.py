@@ -374,7 +374,7 @@ def test_example_script(tmp_path: Path, where: str) -> None:
 
 
 def test_the_readme_snippet_runs_as_written_and_resumes(tmp_path: Path) -> None:
-    heading, url = "### A synchronous loop: `SyncCheckpointManager`", "s3://my-bucket/runs/exp1"
+    name, url = "sync-loop", "s3://my-bucket/runs/exp1"
     every_epoch = list(range(11))
-    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == [f"committed: {every_epoch} step: 10"]
-    assert run_readme_snippet(heading, url, tmp_path / "ckpt") == [f"committed: {every_epoch} step: 10"]
+    assert run_readme_snippet(name, url, tmp_path / "ckpt") == [f"committed: {every_epoch} step: 10"]
+    assert run_readme_snippet(name, url, tmp_path / "ckpt") == [f"committed: {every_epoch} step: 10"]

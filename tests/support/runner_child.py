@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,15 +105,14 @@ def run_example(script: str, cwd: Path, args: list[str]) -> list[str]:
     return lines
 
 
-def run_readme_snippet(heading: str, url: str, location: Path) -> list[str]:
-    """Run the first Python block of README.md after ``heading`` as it is written, but with
-    ``url`` replaced by the directory ``location``; its stdout lines."""
+def run_readme_snippet(name: str, url: str, location: Path) -> list[str]:
+    """Run the README.md example marked ``<!-- readme-example: name -->`` as it is written,
+    but with ``url`` replaced by the directory ``location``; its stdout lines."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme[readme.index(f"\n{heading}\n") :]
-    code = section[section.index("```python\n") + len("```python\n") :]
-    code = code[: code.index("```\n")]
-    assert url in code, f"{url} is not in the snippet under {heading}"
-    code = code.replace(url, str(location))
+    match = re.search(rf"<!-- readme-example: {name} -->\n```python\n(.*?)```", readme, re.S)
+    assert match, f"README has no example marked {name!r}"
+    assert url in match.group(1), f"{url} is not in the README example {name!r}"
+    code = match.group(1).replace(url, str(location))
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=location.parent
     )
