@@ -85,6 +85,8 @@ class SyncCheckpointManager:
     async manager is a blocking method here (``mgr.save(3)`` returns once epoch 3 is
     committed), plain methods and properties are the same, and exceptions are the
     async manager's, unchanged. :meth:`save_async` returns a :class:`SyncSaveHandle`.
+    Callbacks the async manager calls from its event loop (``progress=``, a metadata
+    handler's methods) run on this manager's thread.
 
     Use it as ``with SyncCheckpointManager(url) as mgr:`` (or call :meth:`close`): the
     async manager and its event-loop thread live until then. A blocking method called

@@ -91,7 +91,10 @@ def test_a_plain_loop_saves_loads_and_queries_like_the_async_manager(location: A
         mgr.init(workspaces)
         assert mgr.nodes == ["trainer_0", "ps_0"] and mgr.local_nodes == ["trainer_0", "ps_0"]
         assert mgr.get_resume_from_epoch_id() is None
-        mgr.save(0)
+        calls: list[tuple[int, int, str]] = []
+        mgr.save(0, progress=lambda done, total: calls.append((done, total, threading.current_thread().name)))
+        assert calls and calls[-1][0] == calls[-1][1] > 0  # a progress callback runs on the facade's thread
+        assert {name for _, _, name in calls} == {THREAD_NAME}
         for epoch in (1, 2):
             workspaces["trainer_0"]["w"] += 1  # in place, right after save_async returned
             handle = mgr.save_async(epoch)
