@@ -26,8 +26,10 @@ from .launcher import JobIdentity, job_from_env, split_nodes
 from .manager import MultiNodeCheckpointManager
 from .manifest import EpochManifest, NodeRecord, NodeStats
 from .retention import Retention
+from .runner import JobRunner
 from .staging import SaveHandle
 from .stats import ACTIONS
+from .sync import SyncCheckpointManager
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "EpochManifest",
     "GcReport",
     "JobIdentity",
+    "JobRunner",
     "MetadataHandler",
     "MiB",
     "MultiNodeCheckpointManager",
@@ -52,6 +55,7 @@ __all__ = [
     "ObjectTooShortError",
     "SaveHandle",
     "StorageError",
+    "SyncCheckpointManager",
     "TransferConfig",
     "__version__",
     "job_from_env",
