@@ -121,29 +121,31 @@ class TestFaultyStorage(StorageConformance):
         assert set(storage.calls) <= OPERATIONS
 
 
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def shared_s3_root(s3_endpoint: str, s3_admin_session: Any) -> AsyncIterator[tuple[Any, S3Storage]]:
+    """One bucket (with neighbours outside the root) and one opened S3Storage per class."""
+    options = {"endpoint_url": s3_endpoint, "region_name": REGION, "addressing_style": "path"}
+    async with admin_client(s3_admin_session, s3_endpoint) as client:
+        bucket = new_bucket_name()
+        await client.create_bucket(Bucket=bucket)
+        try:
+            for key in NEIGHBOURS:
+                await client.put_object(Bucket=bucket, Key=key, Body=b"must never be listed")
+            async with S3Storage(bucket, "some/prefix", options=options, config=SMALL_PARTS) as storage:
+                yield client, storage
+        finally:
+            await delete_bucket(client, bucket)
+
+
 @pytest.mark.asyncio(loop_scope="class")
 class TestS3Storage(StorageConformance):
     """One bucket and one opened S3Storage for the whole class, its root emptied before
     each test: opening an S3Storage builds a botocore session (about 0.2 s of model
     loading), which would dominate a suite of ~80 small tests."""
 
-    @pytest_asyncio.fixture(scope="class", loop_scope="class")
-    async def shared_root(self, s3_endpoint: str, s3_admin_session: Any) -> AsyncIterator[tuple[Any, S3Storage]]:
-        options = {"endpoint_url": s3_endpoint, "region_name": REGION, "addressing_style": "path"}
-        async with admin_client(s3_admin_session, s3_endpoint) as client:
-            bucket = new_bucket_name()
-            await client.create_bucket(Bucket=bucket)
-            try:
-                for key in NEIGHBOURS:
-                    await client.put_object(Bucket=bucket, Key=key, Body=b"must never be listed")
-                async with S3Storage(bucket, "some/prefix", options=options, config=SMALL_PARTS) as storage:
-                    yield client, storage
-            finally:
-                await delete_bucket(client, bucket)
-
     @pytest_asyncio.fixture(loop_scope="class")
-    async def storage(self, shared_root: tuple[Any, S3Storage]) -> AsyncIterator[S3Storage]:
-        client, storage = shared_root
+    async def storage(self, shared_s3_root: tuple[Any, S3Storage]) -> AsyncIterator[S3Storage]:
+        client, storage = shared_s3_root
         await empty_bucket(client, storage.bucket, "some/prefix/")
         yield storage
 
@@ -170,12 +172,12 @@ class TestS3Storage(StorageConformance):
         assert await storage.head("abandoned") is None
 
     async def test_writer_whose_upload_vanished_fails_with_storage_error(
-        self, storage: S3Storage, shared_root: tuple[Any, S3Storage]
+        self, storage: S3Storage, shared_s3_root: tuple[Any, S3Storage]
     ) -> None:
         # moto answers the orphaned CompleteMultipartUpload with a 500 (a KeyError inside
         # moto); real S3 and MinIO answer 404 NoSuchUpload, which must not read as
         # "the object does not exist" either
-        client, _ = shared_root
+        client, _ = shared_s3_root
         budget = ByteBudget(10 * MiB)
         with pytest.raises(StorageError) as raised:
             async with storage.writer("vanished", budget=budget) as writer:
