@@ -4,7 +4,8 @@ The manager keeps caffe2's surface and delegates: :mod:`.staging` encodes worksp
 and runs background saves, :mod:`.attempt` uploads one save attempt, :mod:`.commit`
 commits it (create-only decision and manifest, the multi-process agreement),
 :mod:`.transfer` moves every node's shard at once, :mod:`.housekeeping` lists epochs
-and collects garbage, :mod:`.handler` calls the user's metadata handler and
+and collects garbage (its methods: :mod:`.maintenance`), :mod:`.handler` calls the
+user's metadata handler and
 :mod:`.stats` keeps the reports. What is left here is the order of things: which
 nodes, which epoch, which storage, all or nothing.
 """
@@ -31,14 +32,10 @@ from .errors import (
 )
 from .handler import HandlerCalls, MetadataHandler
 from .housekeeping import (
-    GcReport,
-    collect_garbage,
-    committed_manifests,
-    delete_epoch,
     epoch_is_intact,
     latest_committed_epoch,
-    prune,
 )
+from .maintenance import EpochMaintenance
 from .manifest import EpochIndex, EpochManifest, check_metrics, read_index, read_manifest
 from .progress import Progress, check_progress, reporting
 from .retention import Retention
@@ -67,7 +64,7 @@ class _EpochState:
     committed_here: bool = False  # this manager's commit stands
 
 
-class MultiNodeCheckpointManager:
+class MultiNodeCheckpointManager(EpochMaintenance):
     """Checkpoints the workspaces of several nodes to S3, a local directory or memory.
 
     ``db_prefix`` is the location: ``"s3://bucket/prefix"``, ``"file:///abs/dir"`` or a
@@ -206,6 +203,12 @@ class MultiNodeCheckpointManager:
     def _remember(self, index: EpochIndex, storage: Storage) -> None:
         state = self._epoch(index.epoch)
         state.known, state.known_in = index, storage
+
+    def _forget(self, epoch: int) -> None:
+        state = self._epochs.get(epoch)
+        if state is not None:
+            state.known = state.known_in = None
+            state.committed_here = False
 
     @property
     def _reader(self) -> Storage:
@@ -540,61 +543,6 @@ class MultiNodeCheckpointManager:
         except CheckpointError as exc:
             log.info("checkpoint location not accessible: %s", exc)
             return False
-
-    # ------------------------------------------------------------------ housekeeping
-
-    async def committed_manifests(self) -> list[EpochManifest]:
-        """The manifest of every committed epoch in the save location, by epoch.
-
-        An epoch directory without a manifest (an interrupted save) is left out, and so,
-        with a warning, is one whose manifest does not parse.
-        """
-        await self._ensure_open()
-        return await committed_manifests(self._storage, self._config.max_concurrency)
-
-    async def committed_epochs(self) -> list[int]:
-        """Every committed epoch in the save location (manifest present and valid), ascending."""
-        return [manifest.epoch for manifest in await self.committed_manifests()]
-
-    async def gc(self, *, grace_period: float = 3600.0, dry_run: bool = False) -> GcReport:
-        """Remove the leftovers of interrupted or losing saves in the save location.
-
-        Deleted: objects of uncommitted epochs, and objects of committed epochs that
-        their manifest does not name (a failed attempt, a concurrent loser), when older
-        than ``grace_period`` seconds (a save may still be running); unfinished
-        multipart uploads older than that are aborted. Never touched: a committed
-        epoch's manifest and the shards and receipts it names, and any epoch whose
-        manifest exists but does not parse (reported in ``skipped_epochs``).
-        With ``dry_run`` nothing is deleted; the report lists what would be.
-        """
-        if not isinstance(grace_period, (int, float)) or isinstance(grace_period, bool) or grace_period < 0:
-            raise ValueError(f"grace_period must be a non-negative number of seconds, got {grace_period!r}")
-        await self._ensure_open()
-        return await collect_garbage(self._storage, grace_period=grace_period, dry_run=dry_run)
-
-    async def delete_epoch(self, epoch: int) -> None:
-        """Delete a committed epoch of the save location: its commit record goes first (the
-        epoch stops existing at once), then its objects. A crash midway leaves only what
-        :meth:`gc` removes; a load racing the delete gets that epoch's exact data or
-        :class:`CheckpointNotFoundError`. Raises :class:`CheckpointNotFoundError` if the
-        epoch is not committed. Nothing of another epoch is touched.
-        """
-        layout.validate_epoch(epoch)
-        await self._ensure_open()
-        await delete_epoch(self._storage, epoch)
-        state = self._epochs.get(epoch)
-        if state is not None:
-            state.known = state.known_in = None
-            state.committed_here = False
-
-    async def prune(self, retention: Retention | None = None, *, dry_run: bool = False) -> list[int]:
-        """Delete the committed epochs that ``retention`` (default: the manager's) does not
-        keep; returns them, ascending. With ``dry_run`` nothing is deleted."""
-        rules = retention if retention is not None else self._retention
-        if not isinstance(rules, Retention):
-            raise ValueError("prune() needs Retention rules: pass one, or give the manager retention=...")
-        await self._ensure_open()
-        return await prune(self._storage, rules, dry_run=dry_run, max_concurrency=self._config.max_concurrency)
 
     # ------------------------------------------------------------------ stats
 

@@ -270,7 +270,10 @@ def _passed_through(name: str, prop: property) -> property:
 def _forward_public_members() -> None:
     """Give :class:`SyncCheckpointManager` every public member of the async manager that it
     does not define itself: coroutine methods block, the rest pass through."""
-    for name, member in vars(MultiNodeCheckpointManager).items():
+    members: dict[str, object] = {}
+    for klass in reversed(MultiNodeCheckpointManager.__mro__[:-1]):  # inherited ones too, overrides last
+        members.update(vars(klass))
+    for name, member in members.items():
         if name.startswith("_") or name in vars(SyncCheckpointManager):
             continue
         if isinstance(member, property):

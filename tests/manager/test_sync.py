@@ -57,7 +57,11 @@ def manifest_put(epoch: int) -> Callable[[Request], bool]:
 
 
 def public_members(cls: type) -> dict[str, Any]:
-    return {name: member for name, member in vars(cls).items() if not name.startswith("_")}
+    """The public members a class defines or inherits (from asyncckpt's own classes)."""
+    members: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        members.update(vars(klass))
+    return {name: member for name, member in members.items() if not name.startswith("_")}
 
 
 def test_every_coroutine_method_has_a_blocking_twin_with_the_same_arguments() -> None:
