@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from asyncckpt.cli.bench import OPS
 from asyncckpt.cli.bench import bench as bench_command
 from asyncckpt.cli.bench._peers import PEER_OPS
+from asyncckpt.cli.bench._peers_report import add_peer_ratios, evaluate_peer_targets
 
 RATIO_FIELDS = ("wall_vs_aio", "wall_vs_s3t", "cpu_vs_aio", "cpu_vs_s3t")
 
@@ -141,3 +142,47 @@ def test_peers_bench_runs_the_installed_peers_on_moto_and_skips_the_others_with_
     for name in ("save wall <= 0.8x fastest peer", "save client CPU <= 0.6x leanest peer", "save extra RSS <= 64 MiB"):
         assert numpy_targets[name]["met"] in (True, False), numpy_targets[name]
     assert "**moto**" in data["markdown"] and "| asyncckpt save | numpy | 1 |" in data["markdown"]
+
+
+def _row(op: str, wall: float, cpu: float, rss: float, **extra: float) -> dict[str, object]:
+    spec = PEER_OPS[op]
+    return {"op": op, "kind": spec.kind, "n": 1, "wall_s": wall, "cpu_s": cpu, "rss_delta_mib": rss, **extra}
+
+
+@pytest.mark.parametrize(("server", "load_limit"), [("moto", 1.0), ("localbucket", 0.8)])
+def test_peer_ratios_compare_against_other_libraries_only_and_targets_follow_the_issue(server: str, load_limit: float):
+    rows = {
+        r["op"]: r
+        for r in (
+            _row("memcpy", 0.01, 0.01, 1, warm_copyto_s=0.04),  # a reference, never the fastest peer
+            _row("torchsave_save", 2.0, 0.7, 194),
+            _row("s3tc_save", 2.5, 0.5, 135),
+            _row("dcp_async_save", 3.0, 1.5, 600, blocking_s=0.2),
+            _row("torchsave_load", 0.5, 0.48, 386),
+            _row("dcp_load", 1.0, 1.0, 300),
+            _row("ckpt_save", 1.0, 0.3, 60),  # asyncckpt: compared, never the peer to beat
+            _row("ckpt_load", 0.45, 0.5, 195),
+            _row("ckpt_save_async", 1.2, 0.4, 300, blocking_s=0.05, second_blocking_s=0.08),
+        )
+    }
+
+    references = add_peer_ratios(rows)
+    targets = evaluate_peer_targets(rows, references, server)
+
+    assert references["save"]["fastest"] == "torchsave_save" and references["save"]["leanest_cpu"] == "s3tc_save"
+    assert references["save"]["leanest_rss"] == "s3tc_save" and references["load"]["leanest_rss"] == "dcp_load"
+    assert rows["ckpt_save"]["wall_x_fastest"] == pytest.approx(0.5)
+    assert rows["ckpt_save"]["cpu_x_leanest"] == pytest.approx(0.6)
+    assert rows["ckpt_load"]["wall_x_fastest"] == pytest.approx(0.9)
+    numpy = {t["target"]: t for t in targets if t["state"] == "numpy"}
+    torch = {t["target"]: t for t in targets if t["state"] == "torch"}
+    assert numpy["save wall <= 0.8x fastest peer"]["met"] is True
+    assert numpy["save client CPU <= 0.6x leanest peer"]["met"] is True  # 0.6 is within the limit
+    load = numpy["load wall <= 0.8x fastest peer (moto: 1.0x)"]
+    assert load["limit"] == load_limit and load["met"] is (0.9 <= load_limit)
+    assert numpy["save extra RSS <= 64 MiB"]["met"] is True
+    assert numpy["save_async blocking <= 0.5x DCP async_save's"]["measured"] == pytest.approx(0.25)
+    assert numpy["2nd save_async blocking <= 1.5x a warm copy"]["measured"] == pytest.approx(2.0)
+    assert numpy["2nd save_async blocking <= 1.5x a warm copy"]["met"] is False
+    assert numpy["in-place load extra RSS <= 32 MiB"]["met"] is None  # not measured: neither met nor missed
+    assert all(t["met"] is None for t in torch.values())

@@ -36,13 +36,26 @@ are skipped and what was done is reported.
 The server gets glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` tunables
 (``env_lab.md`` section 4.6); the clients run with default glibc settings. Loopback only.
 
+``--peers`` runs the benchmark against asyncckpt's peers instead (:mod:`._peers_run`),
+with the same method and meters, on moto and on localbucket: torch.save + one PUT / GET +
+torch.load, PyTorch DCP over s3fs (save, async_save, load), s3torchconnector
+(``S3Checkpoint`` and its DCP writer/reader), torchsnapshot, bare aioboto3, s3transfer and
+asyncckpt (save, save_async, load, in-place load and the ``asyncckpt.dcp`` plugin, on numpy
+state and on the same bytes as torch tensors), with ratios to the fastest and the leanest
+peer and issue 12's targets. The peers are not dependencies of asyncckpt: ``make
+bench-peers`` installs them into ``.venv-peers``; elsewhere the ones not installed are
+skipped with the reason.
+
 ``--scale`` runs another benchmark instead (:mod:`._scale`): what the commit record,
 resume, multi-process commits, partial loads and the memory of a save cost as nodes,
 blobs and processes grow, with issue 9's targets.
 
 Modules: ``_state`` (ops, the state, settings), ``_ops`` (the measured operations),
 ``_child`` (a measurement's process), ``_meters`` (``/proc`` and log readings), ``_run``
-(the driver), ``_report`` (medians, ratios, targets, the table); ``_scale`` (the scale
+(the driver), ``_report`` (medians, ratios, targets, the table); ``_peers`` (the peers'
+ops and what each needs), ``_peer_ops`` (their measured operations), ``_servers`` (moto and
+localbucket), ``_peers_run`` (their driver), ``_peers_report`` (ratios to the fastest and
+leanest peer, issue 12's targets, the tables); ``_scale`` (the scale
 benchmark's driver), ``_scale_ops`` (its measured operations and their process),
 ``_scale_log`` (the server's log, request by request), ``_scale_report`` (its targets
 and tables).
