@@ -211,9 +211,7 @@ def peer_table_rows(rows: Mapping[str, Mapping[str, Any]]) -> tuple[list[list[st
         if row.get("blocking_s") is not None:
             out.append(["  ↳ blocking (until returned)", "", str(row["n"]), f"{row['blocking_s']:.3f}"] + blank)
         if row.get("second_blocking_s") is not None:
-            out.append(
-                ["  ↳ blocking, 2nd save", "", str(row["n"]), f"{row['second_blocking_s']:.3f}"] + blank
-            )
+            out.append(["  ↳ blocking, 2nd save", "", str(row["n"]), f"{row['second_blocking_s']:.3f}"] + blank)
         if name == "memcpy" and row.get("warm_copyto_s") is not None:
             out.append(["  ↳ warm np.copyto", "", str(row["n"]), f"{row['warm_copyto_s']:.3f}"] + blank)
     return out, notes
