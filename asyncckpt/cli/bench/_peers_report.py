@@ -277,7 +277,11 @@ def render_peers(console: Console, result: Mapping[str, Any]) -> None:
         if part["meta"].get("busy_warning"):
             console.print(f"[yellow]warning: {part['meta']['busy_warning']}[/]")
     headers, grid = _target_grid(result["targets"])
-    targets = Table(title="issue 12 targets (ratios within one server's run; measured, not asserted)")
+    targets = Table(
+        title="issue 12 targets (ratios within one server's run; measured, not asserted)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     targets.add_column("target")
     for header in headers:
         targets.add_column(header, justify="right")
