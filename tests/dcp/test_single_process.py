@@ -13,9 +13,11 @@ torch = pytest.importorskip("torch")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner  # noqa: E402
 
-from asyncckpt.dcp import StorageReader, StorageWriter  # noqa: E402
+from asyncckpt.dcp import StorageReader, StorageWriter, StoredItem, _writer  # noqa: E402
 from asyncckpt.dcp._format import METADATA_KEY, decode_metadata, encode_metadata  # noqa: E402
+from asyncckpt.dcp._reader import _batches  # noqa: E402
 from asyncckpt.errors import (  # noqa: E402
     CheckpointConflictError,
     CheckpointCorruptedError,
@@ -223,3 +225,49 @@ def test_a_plugin_dropped_without_close_stops_its_thread(location: Any) -> None:
     assert not no_session_threads()
     del plugin  # garbage: its session closes the storage and stops the thread
     assert no_session_threads()
+
+
+class _FailingPlanner(DefaultSavePlanner):
+    """Fails to resolve the item ``fqn`` (as a planner whose device copy fails would)."""
+
+    def __init__(self, fqn: str):
+        super().__init__()
+        self.fqn = fqn
+
+    def resolve_data(self, write_item: Any) -> Any:
+        if write_item.index.fqn == self.fqn:
+            raise RuntimeError(f"cannot resolve {self.fqn}")
+        return super().resolve_data(write_item)
+
+
+def test_a_save_that_fails_mid_write_removes_the_objects_it_wrote(
+    location: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_writer, "_PARTS_PER_OBJECT", 0)  # every item in an object of its own
+    state = {"a": torch.arange(10), "b": torch.arange(20), "c": torch.arange(30)}
+    with pytest.raises(CheckpointException) as excinfo:
+        dcp.save(state, storage_writer=writer(location), planner=_FailingPlanner("c"))
+    assert "cannot resolve c" in str(failure_of(excinfo))
+    assert object_keys(location) == []  # the objects of a and b were written, then removed
+
+
+def test_items_in_several_objects_load_back(location: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_writer, "_PARTS_PER_OBJECT", 0)
+    state = training_state(seed=8)
+    dcp.save(state, storage_writer=writer(location))
+    assert len(object_keys(location)) > 20
+    assert_bit_exact(loaded(location, state), state)
+
+
+def test_reads_join_near_items_and_stay_within_the_range_size() -> None:
+    def item(offset: int, length: int, key: str = "k") -> Any:
+        return (offset, StoredItem(key, offset, length, 0))
+
+    wanted = [item(0, 10), item(64, 10), item(1000, 10), item(1064, 500), item(0, 5, "other")]
+    batches = _batches(wanted, gap=100, size=500)  # type: ignore[arg-type]
+    assert [(b.key, b.start, b.end, [r for r, _ in b.requests]) for b in batches] == [
+        ("k", 0, 74, [0, 64]),  # 54 bytes apart: one read
+        ("k", 1000, 1010, [1000]),  # far from the previous one
+        ("k", 1064, 1564, [1064]),  # with the previous one, a read of 564 > 500 bytes
+        ("other", 0, 5, [0]),
+    ]
