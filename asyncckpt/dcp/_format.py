@@ -5,8 +5,8 @@ A checkpoint directory holds one committed metadata object and the data objects 
     <location>/dcp.metadata                   DCP's Metadata: create-only, written last
     <location>/data/<token>/<rank>-<n>.bin    item payloads of one rank's write_data
 
-``<token>`` is new for every save attempt, so an attempt never overwrites the objects of
-another. A data object is the items' payloads one after another, each starting at a
+``<token>`` is new for every ``write_data`` call (one rank's attempt at a save), so an
+attempt never overwrites the objects of another. A data object is the items' payloads one after another, each starting at a
 multiple of :data:`ALIGN` bytes (zero padding between): a tensor's raw contiguous bytes
 (C order, its own dtype), or a ``BYTE_IO`` item's bytes. Each item's record
 (:class:`StoredItem`) says where it lies and carries its CRC32C.
@@ -56,7 +56,7 @@ _HEADER = struct.Struct("<8sI")
 
 
 def data_key(token: str, rank: int, part: int) -> str:
-    """The key of a rank's ``part``-th data object of the save attempt ``token``."""
+    """The key of the ``part``-th data object of ``rank``'s attempt ``token``."""
     return f"{DATA_PREFIX}{token}/{rank}-{part}.bin"
 
 
