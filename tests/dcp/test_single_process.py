@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -276,3 +278,9 @@ def test_reads_join_near_items_and_stay_within_the_range_size() -> None:
         ("k", 1064, 1564, [1064]),  # with the previous one, a read of 564 > 500 bytes
         ("other", 0, 5, [0]),
     ]
+
+
+def test_only_importing_asyncckpt_dcp_imports_torch() -> None:
+    probe = "import sys, asyncckpt, asyncckpt.storage; print('torch' in sys.modules); import asyncckpt.dcp; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["False", "True"]
