@@ -1,4 +1,4 @@
-"""Fixtures of the DCP plugin tests: a checkpoint location's raw objects, the state to save."""
+"""Helpers of the DCP plugin tests: a checkpoint location's raw objects, behind the plugin's back."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import pytest
-
-pytest.importorskip("torch")
-
-from asyncckpt.storage import Storage, storage_for  # noqa: E402
+from asyncckpt.storage import Storage, storage_for
 
 T = TypeVar("T")
 
