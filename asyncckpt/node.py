@@ -57,14 +57,18 @@ class ShardWriter:
                 await out.write(header)
                 offset = len(header)
                 for blob in encoded:
-                    view = blob.payload
-                    if view.nbytes >= _THREAD_MIN:
-                        crc = await asyncio.to_thread(codec.checksum, view)
-                    else:
-                        crc = codec.checksum(view)
-                    await out.write(view, crc)
-                    index.add(blob, offset, crc)
-                    offset += view.nbytes
+                    views = blob.buffers
+                    crcs = []
+                    for view in views:
+                        if view.nbytes >= _THREAD_MIN:
+                            crc = await asyncio.to_thread(codec.checksum, view)
+                        else:
+                            crc = codec.checksum(view)
+                        await out.write(view, crc)
+                        crcs.append(crc)
+                    blob_crc = codec.combine_checksums(crcs, [view.nbytes for view in views])
+                    index.add(blob, offset, blob_crc, crcs[1:] if blob.leaves else None)
+                    offset += blob.length
                 trailer, index_crc = index.trailer(offset)
                 await out.write(trailer)
                 await out.flush()
