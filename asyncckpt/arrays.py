@@ -30,9 +30,12 @@ __all__ = [
     "ML_DTYPE_NAMES",
     "UnsupportedArray",
     "array_kind",
+    "assign",
+    "device_target",
     "dtype_from_spec",
     "dtype_spec",
     "from_host",
+    "host_target",
     "host_view",
     "is_stateful",
     "stage_copy",
@@ -265,3 +268,67 @@ def _framework(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError:
         raise CheckpointError(f"this blob was saved from {name}: install {name} to load it") from None
+
+
+# --------------------------------------------------------------------------- in place
+
+
+def host_target(target: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any] | None:
+    """A writable numpy view of ``target``'s own memory when it is a numpy array or a CPU
+    tensor of ``dtype`` and ``shape`` (any strides), else ``None``."""
+    kind = array_kind(target)
+    if kind == "numpy":
+        if type(target) is not np.ndarray or not target.flags.writeable:
+            return None
+        view: np.ndarray[Any, Any] = target
+    elif kind == "torch":
+        torch = sys.modules["torch"]
+        if (
+            type(target) not in (torch.Tensor, torch.nn.Parameter)
+            or target.device.type != "cpu"
+            or target.layout != torch.strided
+            or target.is_quantized
+            or target.is_conj()
+            or target.is_neg()
+        ):
+            return None
+        try:
+            view = _torch_numpy(target.detach())
+        except UnsupportedArray:
+            return None
+    else:
+        return None
+    if view.dtype != dtype or view.shape != shape:
+        return None
+    if any(stride == 0 and size > 1 for stride, size in zip(view.strides, view.shape)):
+        return None  # a broadcast view: several elements share one memory location
+    return view
+
+
+def device_target(target: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> bool:
+    """Whether ``target`` is a tensor on a device (not the CPU) of ``dtype`` and ``shape``,
+    which :func:`assign` can fill from host memory."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(target) not in (torch.Tensor, torch.nn.Parameter) or target.device.type == "cpu":
+        return False
+    if target.layout != torch.strided or target.is_quantized or target.device.type == "meta":
+        return False
+    name = str(target.dtype).removeprefix("torch.")
+    try:
+        expected = np.dtype(getattr(_ml_dtypes(name), name)) if name in ML_DTYPE_NAMES else None
+        if expected is None:
+            expected = torch.empty(0, dtype=target.dtype).numpy().dtype
+    except (TypeError, RuntimeError, CheckpointError):
+        return False
+    return bool(expected == dtype and tuple(target.shape) == shape)
+
+
+def assign(target: Any, arr: np.ndarray[Any, Any]) -> None:
+    """Copy host array ``arr`` into ``target`` (a value :func:`host_target` or
+    :func:`device_target` accepted), in place."""
+    view = host_target(target, arr.dtype, arr.shape)
+    if view is not None:
+        np.copyto(view, arr)
+        return
+    with sys.modules["torch"].no_grad():
+        target.copy_(from_host(np.ascontiguousarray(arr), "torch"))

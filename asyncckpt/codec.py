@@ -69,6 +69,8 @@ __all__ = [
     "checksum",
     "checksum_combine",
     "decode_blob",
+    "decode_tree",
+    "leaf_array",
     "encode_blob",
     "encode_blobs",
     "shard_header",
@@ -783,21 +785,32 @@ def leaf_array(leaf: LeafEntry | BlobEntry, payload: memoryview) -> np.ndarray[A
     return _array_from(payload, arrays.dtype_from_spec(leaf.dtype), leaf.shape, leaf.order, copy=False)
 
 
-def _tree_value(entry: BlobEntry, payload: memoryview) -> Any:
-    assert entry.skeleton is not None
+def decode_tree(entry: BlobEntry, skeleton: memoryview, leaf: Callable[[int], Any]) -> Any:
+    """The value of a ``"tree"`` blob from its skeleton's bytes, ``leaf(n)`` giving leaf
+    ``n``'s value; a skeleton that names a leaf twice, one that does not exist or not
+    every leaf is :class:`ValueError`."""
     used: set[int] = set()
 
-    def leaf(number: int) -> Any:
+    def checked_leaf(number: int) -> Any:
         if not 0 <= number < len(entry.leaves) or number in used:
             raise ValueError(f"bad or repeated leaf number {number}")
         used.add(number)
-        spec = entry.leaves[number]
-        return arrays.from_host(leaf_array(spec, payload[spec.offset : spec.offset + spec.length]), spec.kind)
+        return leaf(number)
 
-    value = _unpack(payload[: entry.skeleton], leaf)
+    value = _unpack(skeleton, checked_leaf)
     if len(used) != len(entry.leaves):
         raise ValueError("the skeleton does not use every leaf")
     return value
+
+
+def _tree_value(entry: BlobEntry, payload: memoryview) -> Any:
+    assert entry.skeleton is not None
+
+    def leaf(number: int) -> Any:
+        spec = entry.leaves[number]
+        return arrays.from_host(leaf_array(spec, payload[spec.offset : spec.offset + spec.length]), spec.kind)
+
+    return decode_tree(entry, payload[: entry.skeleton], leaf)
 
 
 def decode_blob(entry: BlobEntry, payload: memoryview, where: str, *, verify: bool = True) -> Any:
