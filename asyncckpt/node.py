@@ -57,14 +57,18 @@ class ShardWriter:
                 await out.write(header)
                 offset = len(header)
                 for blob in encoded:
-                    view = blob.payload
-                    if view.nbytes >= _THREAD_MIN:
-                        crc = await asyncio.to_thread(codec.checksum, view)
-                    else:
-                        crc = codec.checksum(view)
-                    await out.write(view, crc)
-                    index.add(blob, offset, crc)
-                    offset += view.nbytes
+                    views = blob.buffers
+                    crcs = []
+                    for view in views:
+                        if view.nbytes >= _THREAD_MIN:
+                            crc = await asyncio.to_thread(codec.checksum, view)
+                        else:
+                            crc = codec.checksum(view)
+                        await out.write(view, crc)
+                        crcs.append(crc)
+                    blob_crc = codec.combine_checksums(crcs, [view.nbytes for view in views])
+                    index.add(blob, offset, blob_crc, crcs[1:] if blob.leaves else None)
+                    offset += blob.length
                 trailer, index_crc = index.trailer(offset)
                 await out.write(trailer)
                 await out.flush()
@@ -143,55 +147,73 @@ class ShardReader:
     record: NodeRecord
     config: TransferConfig
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"node {self.node!r}, object {self.storage.url_of(self.record.shard)}"
 
-    async def _fetch(self, start: int, end: int) -> memoryview:
+    async def fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
         # The decoded arrays are views into this memory. A bytearray, not np.empty:
         # numpy asks for transparent huge pages on large arrays, and where the kernel
         # compacts memory to find them (THP defrag "madvise"), first touch is far slower.
         buffer = memoryview(bytearray(end - start))
+        await self.read_into(buffer, start)
+        return buffer
+
+    async def read_into(
+        self, buffer: memoryview, start: int, *, inflight: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        """Fill ``buffer`` (a writable byte view: a fresh buffer, or a load's target
+        memory) with the shard's bytes from ``start`` on, in parallel ranges when large.
+
+        With ``inflight``, each range is a task added to it that cancelling this call
+        does not stop (a local read runs in a worker thread that nothing stops): the
+        caller waits for them before it touches ``buffer`` again."""
         key = self.record.shard
 
         async def piece(lo: int, hi: int) -> None:
-            await self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            read = self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            if inflight is None:
+                await read
+            else:
+                task = asyncio.ensure_future(read)
+                inflight.add(task)
+                await asyncio.shield(task)
             advance(hi - lo)
 
+        end = start + buffer.nbytes
         try:
             await run_all(piece(lo, hi) for lo, hi in split_range(start, end, self.config.range_size))
         except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
+            raise CheckpointNotFoundError(f"{self.where()}: shard object is missing") from None
         except ObjectTooShortError:
             raise CheckpointCorruptedError(
-                f"{self._where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
+                f"{self.where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
             ) from None
-        return buffer
 
     async def check_size(self) -> None:
         """The shard object exists with its recorded size (a HEAD): checked before any
         buffer of the recorded size is allocated."""
         info = await self.storage.head(self.record.shard)
         if info is None:
-            raise CheckpointNotFoundError(f"{self._where()}: shard object is missing")
+            raise CheckpointNotFoundError(f"{self.where()}: shard object is missing")
         if info.size != self.record.size:
             raise CheckpointCorruptedError(
-                f"{self._where()}: shard is {info.size} bytes, the manifest says {self.record.size} "
+                f"{self.where()}: shard is {info.size} bytes, the manifest says {self.record.size} "
                 "(truncated or replaced)"
             )
 
     async def read_all(self) -> dict[str, Any]:
         """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
         await self.check_size()
-        data = await self._fetch(0, self.record.size)
+        data = await self.fetch(0, self.record.size)
         return await asyncio.to_thread(self.decode, data)
 
     def decode(self, data: memoryview) -> dict[str, Any]:
         """Verify a whole shard's bytes (header, trailer, index, the CRC32C of every blob
         and of the shard against the record) and decode every blob. CPU work: the arrays
         are views into ``data``. Damage is :class:`CheckpointCorruptedError`."""
-        where = self._where()
+        where = self.where()
         if data.nbytes != self.record.size:
             raise CheckpointCorruptedError(f"{where}: shard is {data.nbytes} bytes, the record says {self.record.size}")
         header = codec.parse_header(data, where)
@@ -212,7 +234,7 @@ class ShardReader:
         }
 
     def _parse_index(self, trailer: memoryview, body_at: Callable[[int, int], memoryview]) -> dict[str, BlobEntry]:
-        where = self._where()
+        where = self.where()
         offset, length, crc = codec.parse_trailer(trailer, self.record.size, where)
         if self.record.index_crc32c is not None and crc != self.record.index_crc32c:
             raise CheckpointCorruptedError(f"{where}: blob index differs from the record's (a shard of another node?)")
@@ -227,10 +249,10 @@ class ShardReader:
         The caller checks the object's size first (:meth:`check_size`)."""
         size = self.record.size
         start = max(0, size - _TAIL_GUESS)
-        tail = await self._fetch(start, size)
-        offset, _, _ = codec.parse_trailer(tail[tail.nbytes - codec.TRAILER_SIZE :], size, self._where())
+        tail = await self.fetch(start, size)
+        offset, _, _ = codec.parse_trailer(tail[tail.nbytes - codec.TRAILER_SIZE :], size, self.where())
         if offset < start:  # a large index: fetch it whole
-            start, tail = offset, await self._fetch(offset, size)
+            start, tail = offset, await self.fetch(offset, size)
         return self._parse_index(tail[tail.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: tail[lo - start : hi - start])
 
     async def read_some(self, wanted: Mapping[str, BlobEntry]) -> dict[str, Any]:
@@ -240,7 +262,7 @@ class ShardReader:
         if not wanted:
             return {}
         ranges = coalesce_ranges(((e.offset, e.offset + e.length) for e in wanted.values()), self.config.coalesce_gap)
-        buffers = await run_all(self._fetch(lo, hi) for lo, hi in ranges)
+        buffers = await run_all(self.fetch(lo, hi) for lo, hi in ranges)
         starts = [lo for lo, _ in ranges]
 
         def decode() -> dict[str, Any]:
@@ -249,7 +271,7 @@ class ShardReader:
                 at = bisect.bisect_right(starts, entry.offset) - 1
                 buf, lo = buffers[at], starts[at]
                 payload = buf[entry.offset - lo : entry.offset - lo + entry.length]
-                out[name] = codec.decode_blob(entry, payload, f"{self._where()}, blob {name!r}")
+                out[name] = codec.decode_blob(entry, payload, f"{self.where()}, blob {name!r}")
             return out
 
         return await asyncio.to_thread(decode)
