@@ -420,7 +420,7 @@ async def _read_shard(
         if key not in known:
             _arrays_in(state, live)
     if live:
-        await asyncio.to_thread(guard.journal().save, live)
+        await guard.run(asyncio.to_thread(guard.journal().save, live))  # a rollback waits for it
     await _read(reader, pieces, guard)
     shard_crc = reader.record.crc32c if whole else None
     values = await guard.run(asyncio.to_thread(_finish, entries, pieces, shard_crc, where))
