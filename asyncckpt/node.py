@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import codec
+from . import arrays, codec
 from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
@@ -153,10 +153,7 @@ class ShardReader:
     async def fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
-        # The decoded arrays are views into this memory. A bytearray, not np.empty:
-        # numpy asks for transparent huge pages on large arrays, and where the kernel
-        # compacts memory to find them (THP defrag "madvise"), first touch is far slower.
-        buffer = memoryview(bytearray(end - start))
+        buffer = arrays.host_memory(end - start)  # the decoded arrays are views into it
         await self.read_into(buffer, start)
         return buffer
 
