@@ -25,6 +25,11 @@ A payload is the raw bytes of an array (``encoding="ndarray"``) or of a bytes va
 (``"bytes"``), or a msgpack object (``"msgpack"``) whose extension types are numbered
 in :class:`ExtCode`. Every entry carries a CRC32C of its payload, so one blob can be
 fetched with one ranged GET and verified on its own.
+
+Entries of an incremental save (format 3 records, see :mod:`.manifest`) may carry two
+more fields: ``xxh3``, the 16-byte XXH3-128 digest of the payload (with the CRC32C, what
+the next save compares), and ``ref``, the number of the object in the node's record
+(``NodeRecord.refs``) that holds the payload at ``offset`` instead of this shard.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import crc32c as _crc32c
 import msgpack
 import numpy as np
+import xxhash
 
 from .errors import CheckpointCorruptedError
 
@@ -51,6 +57,7 @@ __all__ = [
     "ExtCode",
     "ShardIndex",
     "checksum",
+    "fingerprint",
     "checksum_combine",
     "decode_blob",
     "encode_blob",
@@ -145,6 +152,8 @@ class BlobEntry:
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
     order: str | None = None
+    xxh3: bytes | None = None  # XXH3-128 digest of the payload (incremental saves)
+    ref: int | None = None  # the payload lives in the node record's refs[ref], not in this shard
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -155,6 +164,7 @@ class BlobEntry:
         }
         if self.encoding == "ndarray":
             out.update(dtype=self.dtype, shape=list(self.shape or ()), order=self.order)
+        out.update(_reuse_fields(self.xxh3, self.ref))
         return out
 
     @classmethod
@@ -186,7 +196,12 @@ class BlobEntry:
                 _array_dtype(dtype)
                 if math.prod(shape) * np.dtype(dtype).itemsize != length:
                     raise ValueError("array length does not match dtype and shape")
-            return cls(offset, length, encoding, crc, dtype, shape, order)
+            digest, ref = raw.get("xxh3"), raw.get("ref")
+            if digest is not None and (not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE):
+                raise ValueError("xxh3 must be 16 bytes")
+            if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
+                raise ValueError("ref must be a non-negative int")
+            return cls(offset, length, encoding, crc, dtype, shape, order, digest, ref)
         except CheckpointCorruptedError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -237,14 +252,15 @@ class EncodedBlob:
         shape = tuple(self.source.shape)
         return shape[::-1] if self.order == "F" else shape  # an F-ordered array is stored transposed
 
-    def entry(self, offset: int, crc: int) -> BlobEntry:
-        return BlobEntry(offset, self.length, self.encoding, crc, self.dtype, self.shape, self.order)
+    def entry(self, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> BlobEntry:
+        return BlobEntry(offset, self.length, self.encoding, crc, self.dtype, self.shape, self.order, xxh3, ref)
 
-    def entry_json(self, offset: int, crc: int) -> dict[str, Any]:
+    def entry_json(self, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> dict[str, Any]:
         """:meth:`BlobEntry.to_json` of :meth:`entry`, without the entry."""
         out: dict[str, Any] = {"offset": offset, "length": self.length, "encoding": self.encoding, "crc32c": crc}
         if self.encoding == "ndarray":
             out.update(dtype=self.dtype, shape=list(self.shape or ()), order=self.order)
+        out.update(_reuse_fields(xxh3, ref))
         return out
 
 
@@ -409,10 +425,12 @@ class ShardIndex:
         self._body = bytearray(self._packer.pack_map_header(count))
         self._missing = count
 
-    def add(self, blob: EncodedBlob, offset: int, crc: int) -> None:
-        """The entry of ``blob``, whose payload starts at ``offset`` and has CRC32C ``crc``."""
+    def add(self, blob: EncodedBlob, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> None:
+        """The entry of ``blob``, whose payload starts at ``offset`` and has CRC32C ``crc``
+        (and XXH3-128 digest ``xxh3``); with ``ref``, at ``offset`` of the record's
+        ``refs[ref]`` instead of this shard."""
         self._body += self._packer.pack(blob.name)
-        self._body += self._packer.pack(blob.entry_json(offset, crc))
+        self._body += self._packer.pack(blob.entry_json(offset, crc, xxh3, ref))
         self._missing -= 1
 
     def trailer(self, index_offset: int) -> tuple[bytearray, int]:
@@ -433,18 +451,49 @@ def shard_trailer(index: Mapping[str, BlobEntry], index_offset: int) -> bytes:
     return body + _TRAILER.pack(index_offset, len(body), checksum(body), TRAILER_MAGIC)
 
 
-def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob]) -> int:
+def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob], *, fingerprinted: bool = False) -> int:
     """An upper bound of the shard's size, known before any byte is written (each index
-    entry is measured with the widest CRC32C encoding, one at a time)."""
+    entry is measured with the widest CRC32C encoding, one at a time; ``fingerprinted``:
+    with room for the fields of an incremental save)."""
     packer = msgpack.Packer()
     offset = len(header)
     count = 0
     entries = 0
     for blob in blobs:
         entries += len(packer.pack(blob.name)) + len(packer.pack(blob.entry_json(offset, 0xFFFFFFFF)))
+        entries += REUSE_FIELDS_BOUND if fingerprinted else 0
         offset += blob.length
         count += 1
     return offset + len(packer.pack_map_header(count)) + entries + TRAILER_SIZE
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+DIGEST_SIZE = 16  # XXH3-128
+#: The most bytes ``xxh3`` and ``ref`` add to one packed index entry (for size bounds).
+REUSE_FIELDS_BOUND = 32
+_FINGERPRINT_CHUNK = 256 << 10  # hashed in cache-sized chunks: each byte is read from memory once
+
+
+def _reuse_fields(xxh3: bytes | None, ref: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if xxh3 is not None:
+        out["xxh3"] = xxh3
+    if ref is not None:
+        out["ref"] = ref
+    return out
+
+
+def fingerprint(buffers: Iterable[memoryview]) -> tuple[int, bytes]:
+    """CRC32C and XXH3-128 digest of ``buffers`` written one after another, in one pass
+    (chunk by chunk, so each byte comes from memory once). CPU work, GIL released."""
+    crc, digest = 0, xxhash.xxh3_128()
+    for buffer in buffers:
+        for start in range(0, buffer.nbytes, _FINGERPRINT_CHUNK):
+            chunk = buffer[start : start + _FINGERPRINT_CHUNK]
+            crc = checksum(chunk, crc)
+            digest.update(chunk)
+    return crc, digest.digest()
 
 
 # --------------------------------------------------------------------------- decode

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -559,3 +560,26 @@ def test_crc32c_combine_doubles_a_run_of_zeros_up_to_a_mebibyte() -> None:
     while length < 1 << 20:
         crc, length = codec.checksum_combine(crc, crc, length), 2 * length
     assert crc == codec.checksum(bytes(1 << 20))
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def test_a_fingerprint_is_the_crc32c_and_xxh3_128_of_the_buffers_in_order() -> None:
+    parts = [memoryview(np.arange(n, dtype=np.uint8).tobytes()) for n in (0, 1, 300_000, 17)]
+    whole = b"".join(bytes(p) for p in parts)
+    assert codec.fingerprint(parts) == (codec.checksum(whole), xxhash.xxh3_128(whole).digest())
+
+
+def test_an_entry_with_a_digest_and_a_pointer_round_trips() -> None:
+    blob = codec.encode_blob("w", np.ones((4, 5), dtype=np.float32))
+    entry = blob.entry(96, 7, b"\x01" * 16, 2)
+    assert BlobEntry.from_json(blob.entry_json(96, 7, b"\x01" * 16, 2), "w") == entry
+    assert BlobEntry.from_json(entry.to_json(), "w") == entry
+
+
+@pytest.mark.parametrize("fields", [{"xxh3": b"short"}, {"xxh3": "0" * 32}, {"ref": -1}, {"ref": True}])
+def test_a_malformed_digest_or_pointer_is_corrupted_error(fields: dict[str, Any]) -> None:
+    raw = {**codec.encode_blob("w", b"abc").entry_json(0, 1), **fields}
+    with pytest.raises(CheckpointCorruptedError, match="blob index entry"):
+        BlobEntry.from_json(raw, "w")
