@@ -127,11 +127,12 @@ def gc(location: str, grace: float, dry_run: bool, as_json: bool, endpoint_url: 
     of epochs that were never committed, objects inside committed epochs that their
     manifest does not name (a failed or losing attempt), and unfinished multipart
     uploads, when older than --grace. A committed epoch's manifest and the shards and
-    receipts it names are never touched, nor an epoch whose manifest does not parse.
+    receipts it names are never touched, nor an epoch whose manifest does not parse,
+    nor the shards of deleted epochs that a committed (incremental) epoch points at.
 
     With --json: {"location", "grace_seconds", "dry_run", "deleted", "aborted_uploads",
-    "kept_recent", "skipped_epochs", "abandoned", "completed_epochs"} (the fields of
-    asyncckpt.GcReport).
+    "kept_recent", "skipped_epochs", "abandoned", "completed_epochs", "kept_referenced"}
+    (the fields of asyncckpt.GcReport).
 
     Exit code 0, or 2 on a storage or usage error (a directory or bucket that does not
     exist is one).
@@ -163,6 +164,11 @@ def gc(location: str, grace: float, dry_run: bool, as_json: bool, endpoint_url: 
         console.print(
             f"[yellow]kept {count(report.kept_recent, 'object')} younger than {format_duration(grace)}[/]: "
             "a save may still be writing them"
+        )
+    if report.kept_referenced:
+        console.print(
+            f"kept {count(report.kept_referenced, 'object')} of deleted or failed saves: "
+            "other epochs still point at them"
         )
     if report.abandoned:
         claimed = "would claim" if dry_run else "claimed"

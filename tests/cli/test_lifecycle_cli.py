@@ -454,7 +454,7 @@ def test_gc_json_reports_what_it_deleted(location: str):
     assert dry["abandoned"] == ["crashed.0123456789ab"]
     assert set(dry) == {
         "location", "grace_seconds", "deleted", "aborted_uploads", "kept_recent", "skipped_epochs", "dry_run",
-        "abandoned", "completed_epochs",
+        "abandoned", "completed_epochs", "kept_referenced",
     }  # fmt: skip
     assert leftover.exists()
     assert invoke_json("gc", location, "--grace", "0")["deleted"] == dry["deleted"]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asyncckpt import CheckpointCorruptedError, MultiNodeCheckpointManager, TransferConfig
+from asyncckpt import CheckpointCorruptedError, MultiNodeCheckpointManager, Retention, TransferConfig
 from asyncckpt.layout import epoch_dir
 from tests.support.asserts import assert_same
 from tests.support.locations import RawStorages, manager
@@ -223,3 +223,78 @@ async def test_a_record_pointing_outside_its_objects_is_refused(location: Any, r
         await mgr.init({"n0": {}})
         with pytest.raises(CheckpointCorruptedError):
             await mgr.load(2)
+
+
+# --------------------------------------------------------------------------- lifecycle: shared objects
+
+
+async def test_keep_last_1_over_20_epochs_stores_about_one_state_and_the_kept_epoch_loads(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    state = frozen_state()
+    async with manager(location, retention=Retention(keep_last=1)) as mgr:
+        await mgr.init({"n0": state})
+        for epoch in range(1, 21):
+            train(state, epoch)
+            await mgr.save(epoch)
+        assert await mgr.committed_epochs() == [20]
+        report = await mgr.gc(grace_period=0)
+        assert report.deleted == []  # retention left nothing behind...
+        assert report.kept_referenced == 1  # ...but epoch 1's shard, which epoch 20 points at
+    state_bytes = ARRAYS * ELEMENTS * 8
+    stored = await stored_bytes(raw_storages, location)
+    assert stored <= 1.25 * state_bytes, (stored, state_bytes)  # epoch 1's shard + epoch 20's trained tenth
+    assert_same((await load_fresh(location, 20))["n0"], state, "epoch 20")
+
+
+async def test_deleting_an_epoch_keeps_what_later_epochs_point_at_and_reclaims_it_with_them(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    frozen, trained = frozen_state(), {"w": np.zeros(ELEMENTS)}
+    async with manager(location) as mgr:
+        await mgr.init({"n0": frozen, "n1": trained})
+        for epoch in (1, 2, 3):
+            trained["w"] = trained["w"] + 1
+            await mgr.save(epoch)
+        shard1 = {n: r["shard"] for n, r in (await index_json(raw_storages, location, 1))["index"]["nodes"].items()}
+        await mgr.delete_epoch(1)
+        keys = await raw_storages.stored_keys_below(location)
+        assert shard1["n0"] in keys  # epochs 2 and 3 point at it
+        assert shard1["n1"] not in keys and not [k for k in keys if k.startswith(epoch_dir(1)) and k != shard1["n0"]]
+        assert (await mgr.gc(grace_period=0)).kept_referenced == 1  # gc keeps it too
+        for epoch in (2, 3):
+            assert await mgr.cp_accessible(epoch)
+            loaded = await load_fresh(location, epoch, ("n0", "n1"))
+            assert_same(loaded["n0"], frozen, f"epoch {epoch}")
+            assert_same(loaded["n1"], {"w": np.zeros(ELEMENTS) + epoch}, f"epoch {epoch}")
+        await mgr.delete_epoch(2)
+        assert shard1["n0"] in await raw_storages.stored_keys_below(location)  # epoch 3 still points at it
+        await mgr.delete_epoch(3)  # the last epoch pointing at it: it goes with it
+        left = await raw_storages.stored_keys_below(location)
+        assert all(key.endswith(".decision") for key in left), left  # gc's claim stays, as a tombstone
+
+
+async def test_gc_reclaims_what_a_crashed_delete_left_and_keeps_what_is_pointed_at(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    """A delete that uncommitted epochs 1 and 2 and died before deleting objects: gc keeps
+    epoch 1's shard (epoch 3 points at it) and removes the rest."""
+    frozen, trained = frozen_state(), {"w": np.zeros(ELEMENTS)}
+    async with manager(location) as mgr:
+        await mgr.init({"n0": frozen, "n1": trained})
+        for epoch in (1, 2, 3):
+            trained["w"] = trained["w"] + 1
+            await mgr.save(epoch)
+        first = await index_json(raw_storages, location, 1)
+        async with raw_storages.open(location) as storage:
+            for epoch in (1, 2):
+                writer = (await index_json(raw_storages, location, epoch))["index"]["writer_id"]
+                await storage.delete([f"{epoch_dir(epoch)}{writer}.decision", f"{epoch_dir(epoch)}manifest.json"])
+        report = await mgr.gc(grace_period=0)
+        assert report.kept_referenced == 1
+        keys = await raw_storages.stored_keys_below(location)
+        assert first["index"]["nodes"]["n0"]["shard"] in keys
+        outside = {k for k in keys if not k.startswith(epoch_dir(3)) and not k.endswith(".decision")}
+        assert outside == {first["index"]["nodes"]["n0"]["shard"]}
+    loaded = await load_fresh(location, 3, ("n0", "n1"))
+    assert_same(loaded["n0"], frozen, "epoch 3")
