@@ -39,13 +39,15 @@ __all__ = ["gc", "ls"]
 @endpoint_option
 def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     """List the committed epochs of LOCATION (s3://bucket/prefix or a directory): per
-    epoch its nodes, the bytes of their shards, when it was committed, by which run id
-    and the metrics it was saved with (a column shown when any epoch has them). The
-    latest one, where a resuming job starts, is marked.
+    epoch its nodes, the bytes of their shards (what its save uploaded), the bytes of
+    its blobs it reuses from the shards of earlier epochs (incremental saves; a column
+    shown when any epoch has them), when it was committed, by which run id and the
+    metrics it was saved with (a column shown when any epoch has them). The latest one,
+    where a resuming job starts, is marked.
 
-    With --json: {"location", "epochs": [{"epoch", "nodes", "bytes", "created",
-    "created_unix", "run_id", "writer_id", "metrics", "latest"}], "latest" (null when
-    there is none), "total_bytes"}.
+    With --json: {"location", "epochs": [{"epoch", "nodes", "bytes", "reused_bytes",
+    "created", "created_unix", "run_id", "writer_id", "metrics", "latest"}], "latest"
+    (null when there is none), "total_bytes"}.
 
     Exit code 0 (also when there is no committed epoch), 2 on a storage or usage error
     (a directory or bucket that does not exist is one).
@@ -76,6 +78,9 @@ def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     table.add_column("epoch", justify="right")
     table.add_column("nodes", justify="right")
     table.add_column("shards", justify="right")
+    with_reuse = any(manifest.reused_bytes for manifest in manifests)
+    if with_reuse:
+        table.add_column("reused", justify="right")
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("run id", overflow="fold")
     with_metrics = any(manifest.metrics for manifest in manifests)
@@ -84,10 +89,12 @@ def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     table.add_column("")
     for manifest in manifests:
         metrics = [escape(format_metrics(manifest.metrics))] if with_metrics else []
+        reused = [format_bytes(manifest.reused_bytes)] if with_reuse else []
         table.add_row(
             str(manifest.epoch),
             str(manifest.node_count),
             format_bytes(manifest.total_bytes),
+            *reused,
             format_time(manifest.created_unix),
             escape(manifest.run_id),
             *metrics,
