@@ -34,6 +34,26 @@ test-rgw: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/asyncckpt bench
 
+# asyncckpt against its peers (issue 12): torch.save + one PUT, DCP over s3fs, s3torchconnector,
+# torchsnapshot, aioboto3, s3transfer, on moto and localbucket; 3 reps of 192 MiB, ~20-40 minutes.
+# The peers live in their own venv, $(PEERS_VENV), pinned by constraints-peers.txt on top of
+# constraints.txt (torch==2.13.0+cpu, the local CPU wheel: never another torch build).
+PEERS_VENV ?= .venv-peers
+PEERS_BIN := $(PEERS_VENV)/bin
+PEERS_ARGS ?=
+
+$(PEERS_BIN)/.installed: pyproject.toml constraints.txt constraints-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install --quiet -c constraints.txt --upgrade pip
+	$(PEERS_BIN)/python -m pip install --quiet -c constraints.txt -c constraints-peers.txt -e '.[server,torch]' \
+		torch==2.13.0+cpu s3fs 's3torchconnector[dcp]' torchsnapshot localbucket
+	touch $@
+
+.PHONY: bench-peers
+bench-peers: $(PEERS_BIN)/.installed
+	mkdir -p bench-results
+	$(PEERS_BIN)/asyncckpt bench --peers --json bench-results/peers.json $(PEERS_ARGS)
+
 # issue 9's counts and ratios at scale (1024 nodes, 32 processes, 1 GiB): 2-5 minutes
 .PHONY: bench-scale
 bench-scale: $(BIN)/.installed
@@ -53,4 +73,4 @@ lint: $(BIN)/.lint-installed
 
 clean:
 	if [ -d $(RGW_DIR) ]; then scripts/ceph_rgw.sh stop $(RGW_DIR); fi
-	rm -rf $(VENV) $(RGW_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) $(RGW_DIR) .pytest_cache .hypothesis

@@ -2,28 +2,40 @@
 
 A *blob* is one named value of a node's workspace. Supported values:
 
-* numpy arrays of every numeric dtype (bool, ints, floats incl. float16, complex,
-  datetime/timedelta, fixed-width bytes/unicode), any byte order, 0-d, empty,
-  C- or Fortran-ordered, contiguous or not (non-contiguous ones are copied); a
-  ``np.memmap`` is saved as its data and loads as a plain array. Other ndarray
-  subclasses (masked arrays, ``np.matrix``...) are refused: their extra state would
-  not survive;
+* arrays (:mod:`.arrays` says which): numpy arrays of every numeric dtype (bool, ints,
+  floats incl. float16, complex, datetime/timedelta, fixed-width bytes/unicode) and of the
+  ``ml_dtypes`` dtypes (bfloat16, the float8 types...), any byte order, 0-d, empty, C- or
+  Fortran-ordered, contiguous or not (non-contiguous ones are copied); a ``np.memmap`` is
+  saved as its data and loads as a plain array; ``torch.Tensor`` (on any device, loads as a
+  CPU tensor) and ``jax.Array`` (loads as a ``jax.Array``). Other ndarray subclasses
+  (masked arrays, ``np.matrix``...) are refused: their extra state would not survive;
 * numpy scalars; ``bytes`` (``bytearray``/``memoryview`` come back as ``bytes``);
 * ``str``, ``int`` (any size), ``float``, ``bool``, ``None``;
-* ``list``, ``tuple`` and ``dict`` with ``str`` keys, nested, holding any of the above.
+* ``list``, ``tuple`` and ``dict`` with ``str`` or ``int`` keys (a ``dict`` subclass such
+  as ``OrderedDict`` comes back as a ``dict`` in the same order), nested, holding any of
+  the above;
+* a ``Stateful`` object (``state_dict()``/``load_state_dict()``) is saved as its state dict
+  and its entry says so (``stateful``).
 
-Anything else is a :class:`TypeError` naming the node, the blob and the type.
+Anything else is a :class:`TypeError` naming the node, the blob (and the path inside it)
+and the type.
 
-Shard layout (format version 1)::
+Shard layout (format version 2; version 1 shards, without ``"tree"`` blobs, ``kind``
+and int keys, still read)::
 
     b"ACKPTSH1" | uint32 header length | msgpack header map
     blob payloads, one after another (the index says where each one is)
     msgpack index map {blob name: entry}
     trailer: uint64 index offset | uint32 index length | uint32 index CRC32C | b"ACKPTEND"
 
-A payload is the raw bytes of an array (``encoding="ndarray"``) or of a bytes value
-(``"bytes"``), or a msgpack object (``"msgpack"``) whose extension types are numbered
-in :class:`ExtCode`. Every entry carries a CRC32C of its payload, so one blob can be
+A payload is the raw bytes of an array (``encoding="ndarray"``, with ``kind`` saying
+whether it was a numpy array, a tensor or a jax array) or of a bytes value (``"bytes"``),
+or a msgpack object (``"msgpack"``) whose extension types are numbered in
+:class:`ExtCode`. A container holding arrays of at least :data:`INLINE_MAX` bytes is a
+``"tree"``: a msgpack *skeleton* with :attr:`ExtCode.LEAF` placeholders, followed
+contiguously by those arrays' raw bytes (written from the caller's memory, no copy); its
+entry lists each leaf's offset (relative to the blob), length, CRC32C, dtype, shape,
+order and kind. Every entry carries a CRC32C of its whole payload, so one blob can be
 fetched with one ranged GET and verified on its own.
 
 Entries of an incremental save (format 3 records, see :mod:`.manifest`) may carry two
@@ -36,10 +48,9 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import struct
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
 
@@ -48,21 +59,27 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .errors import CheckpointCorruptedError
+from . import arrays
+from .errors import CheckpointCorruptedError, CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",
+    "INLINE_MAX",
     "BlobEntry",
     "EncodedBlob",
+    "EncodedLeaf",
     "ExtCode",
+    "LeafEntry",
     "ShardIndex",
+    "Stage",
     "checksum",
     "fingerprint",
     "checksum_combine",
     "decode_blob",
+    "decode_tree",
+    "leaf_array",
     "encode_blob",
     "encode_blobs",
-    "is_plain_array",
     "shard_header",
     "shard_size_bound",
     "shard_trailer",
@@ -73,7 +90,8 @@ __all__ = [
     "TRAILER_SIZE",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SHARD_MAGIC = b"ACKPTSH1"
 TRAILER_MAGIC = b"ACKPTEND"
 _HEADER_PREFIX = struct.Struct("<8sI")
@@ -81,17 +99,23 @@ _TRAILER = struct.Struct("<QII8s")
 HEADER_PREFIX_SIZE = _HEADER_PREFIX.size
 TRAILER_SIZE = _TRAILER.size
 _MAX_DEPTH = 128
-_ARRAY_KINDS = frozenset("biufcmMSU")
-ENCODINGS = ("ndarray", "bytes", "msgpack")
+ENCODINGS = ("ndarray", "bytes", "msgpack", "tree")
+#: arrays inside a container smaller than this many bytes stay inline in the skeleton
+INLINE_MAX = 4096
+
+#: ``stage(blob, leaf number, array-like, kind)``: a private host copy of an array that
+#: the encoder would otherwise reference in the caller's memory (``save_async``)
+Stage = Callable[[str, int, Any, str], np.ndarray[Any, Any]]
 
 
 class ExtCode(IntEnum):
-    """msgpack extension type codes used inside ``"msgpack"`` payloads."""
+    """msgpack extension type codes used inside ``"msgpack"`` payloads and skeletons."""
 
-    NDARRAY = 1  # msgpack [dtype str, shape list, order "C"|"F", raw bytes]
-    NUMPY_SCALAR = 2  # msgpack [dtype str, raw bytes]
+    NDARRAY = 1  # msgpack [dtype spec, shape list, order "C"|"F", raw bytes] (+ kind, when not numpy)
+    NUMPY_SCALAR = 2  # msgpack [dtype spec, raw bytes]
     TUPLE = 3  # msgpack list of items
     BIGINT = 4  # decimal string of an int outside the 64-bit range
+    LEAF = 5  # msgpack int: the number of one of a "tree" blob's leaves
 
 
 def checksum(data: Any, value: int = 0) -> int:
@@ -141,9 +165,42 @@ def checksum_combine(crc_a: int, crc_b: int, length_b: int) -> int:
     return crc_a ^ crc_b
 
 
+@dataclass(frozen=True, slots=True)
+class LeafEntry:
+    """One array of a ``"tree"`` blob: where its bytes lie relative to the blob's start,
+    their CRC32C, and how to decode them."""
+
+    offset: int
+    length: int
+    crc32c: int
+    dtype: str
+    shape: tuple[int, ...]
+    order: str
+    kind: str = "numpy"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"offset": self.offset, "length": self.length, "crc32c": self.crc32c}
+        out.update(_array_json(self.dtype, self.shape, self.order, self.kind))
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> LeafEntry:
+        if not isinstance(raw, Mapping):
+            raise TypeError("leaf entry is not a map")
+        offset, length, crc = _span_fields(raw)
+        dtype, shape, order, kind = _array_fields(raw, length)
+        return cls(offset, length, crc, dtype, shape, order, kind)
+
+
 @dataclass(frozen=True)
 class BlobEntry:
-    """Where one blob lives in its shard and how to decode it."""
+    """Where one blob lives in its shard and how to decode it.
+
+    ``"ndarray"`` entries have dtype (:func:`arrays.dtype_spec`), shape, order and kind;
+    ``"tree"`` entries the skeleton's length and their leaves, which follow the skeleton
+    contiguously up to the blob's end; ``stateful`` marks the state dict of a
+    ``Stateful`` object.
+    """
 
     offset: int
     length: int
@@ -152,6 +209,10 @@ class BlobEntry:
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
     order: str | None = None
+    kind: str | None = None
+    stateful: bool = False
+    skeleton: int | None = None
+    leaves: tuple[LeafEntry, ...] = ()
     xxh3: bytes | None = None  # XXH3-128 digest of the payload (incremental saves)
     ref: int | None = None  # the payload lives in the node record's refs[ref], not in this shard
 
@@ -163,7 +224,12 @@ class BlobEntry:
             "crc32c": self.crc32c,
         }
         if self.encoding == "ndarray":
-            out.update(dtype=self.dtype, shape=list(self.shape or ()), order=self.order)
+            assert self.dtype is not None and self.shape is not None and self.order is not None
+            out.update(_array_json(self.dtype, self.shape, self.order, self.kind or "numpy"))
+        if self.encoding == "tree":
+            out.update(skeleton=self.skeleton, leaves=[leaf.to_json() for leaf in self.leaves])
+        if self.stateful:
+            out["stateful"] = True
         out.update(_reuse_fields(self.xxh3, self.ref))
         return out
 
@@ -173,49 +239,118 @@ class BlobEntry:
         try:
             if not isinstance(raw, Mapping):
                 raise TypeError("entry is not a map")
-            offset, length, crc = raw["offset"], raw["length"], raw["crc32c"]
+            offset, length, crc = _span_fields(raw)
             encoding = raw["encoding"]
-            for value in (offset, length, crc):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError("offset, length and crc32c must be non-negative ints")
-            if crc >= 1 << 32:
-                raise ValueError("crc32c out of range")
             if encoding not in ENCODINGS:
                 raise ValueError(f"unknown encoding {encoding!r}")
-            dtype = shape = order = None
+            stateful = raw.get("stateful", False)
+            if not isinstance(stateful, bool):
+                raise ValueError("bad stateful flag")
             if encoding == "ndarray":
-                dtype, order = raw["dtype"], raw["order"]
-                shape_raw = raw["shape"]
-                if not isinstance(dtype, str) or order not in ("C", "F"):
-                    raise ValueError("bad dtype or order")
-                if not isinstance(shape_raw, (list, tuple)) or not all(
-                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw
-                ):
-                    raise ValueError("bad shape")
-                shape = tuple(shape_raw)
-                _array_dtype(dtype)
-                if math.prod(shape) * np.dtype(dtype).itemsize != length:
-                    raise ValueError("array length does not match dtype and shape")
+                dtype, shape, order, kind = _array_fields(raw, length)
+                entry = cls(offset, length, encoding, crc, dtype, shape, order, kind, stateful)
+            elif encoding == "tree":
+                skeleton, leaves = _tree_fields(raw, length)
+                entry = cls(offset, length, encoding, crc, stateful=stateful, skeleton=skeleton, leaves=leaves)
+            else:
+                entry = cls(offset, length, encoding, crc, stateful=stateful)
             digest, ref = raw.get("xxh3"), raw.get("ref")
             if digest is not None and (not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE):
                 raise ValueError("xxh3 must be 16 bytes")
             if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
                 raise ValueError("ref must be a non-negative int")
-            return cls(offset, length, encoding, crc, dtype, shape, order, digest, ref)
-        except CheckpointCorruptedError:
-            raise
+            return replace(entry, xxh3=digest, ref=ref) if digest is not None or ref is not None else entry
+        except CheckpointError as exc:
+            raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
+
+
+def _span_fields(raw: Mapping[str, Any]) -> tuple[int, int, int]:
+    offset, length, crc = raw["offset"], raw["length"], raw["crc32c"]
+    for value in (offset, length, crc):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError("offset, length and crc32c must be non-negative ints")
+    if crc >= 1 << 32:
+        raise ValueError("crc32c out of range")
+    return offset, length, crc
+
+
+def _array_json(dtype: str, shape: tuple[int, ...], order: str, kind: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "order": order}
+    if kind != "numpy":
+        out["kind"] = kind
+    return out
+
+
+def _array_fields(raw: Mapping[str, Any], length: int) -> tuple[str, tuple[int, ...], str, str]:
+    """dtype, shape, order and kind of an array entry, checked against its ``length``."""
+    dtype, order, shape_raw = raw["dtype"], raw["order"], raw["shape"]
+    kind = raw.get("kind", "numpy")
+    if not isinstance(dtype, str) or order not in ("C", "F") or kind not in arrays.KINDS:
+        raise ValueError("bad dtype, order or kind")
+    if not isinstance(shape_raw, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw
+    ):
+        raise ValueError("bad shape")
+    shape = tuple(shape_raw)
+    if math.prod(shape) * arrays.dtype_from_spec(dtype).itemsize != length:
+        raise ValueError("array length does not match dtype and shape")
+    return dtype, shape, order, kind
+
+
+def _tree_fields(raw: Mapping[str, Any], length: int) -> tuple[int, tuple[LeafEntry, ...]]:
+    """The skeleton length and the leaves of a tree entry: the leaves follow the skeleton
+    one after the other, up to the blob's end."""
+    skeleton, leaves_raw = raw["skeleton"], raw["leaves"]
+    if not isinstance(skeleton, int) or isinstance(skeleton, bool) or not 0 < skeleton <= length:
+        raise ValueError("bad skeleton length")
+    if not isinstance(leaves_raw, (list, tuple)) or not leaves_raw:
+        raise ValueError("a tree has a non-empty list of leaves")
+    leaves = tuple(LeafEntry.from_json(leaf) for leaf in leaves_raw)
+    end = skeleton
+    for leaf in leaves:
+        if leaf.offset != end:
+            raise ValueError("tree leaves are not contiguous after the skeleton")
+        end += leaf.length
+    if end != length:
+        raise ValueError("tree leaves do not end at the blob's end")
+    return skeleton, leaves
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedLeaf:
+    """One array of a ``"tree"`` blob: ``stored`` is a C-contiguous array (an F-ordered
+    array's transpose, ``order="F"``) whose bytes are written as they are."""
+
+    stored: np.ndarray[Any, Any]
+    order: str
+    kind: str
+
+    @property
+    def payload(self) -> memoryview:
+        return _raw_view(self.stored)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.stored.shape)
+        return shape[::-1] if self.order == "F" else shape  # an F-ordered array is stored transposed
+
+    def entry(self, offset: int, crc: int) -> LeafEntry:
+        spec = arrays.dtype_spec(self.stored.dtype)
+        assert spec is not None
+        return LeafEntry(offset, int(self.stored.nbytes), crc, spec, self.shape, self.order, self.kind)
 
 
 @dataclass(frozen=True, slots=True)
 class EncodedBlob:
     """One blob ready to be written: its name, its encoding and the ``source`` its
     payload bytes are read from: for ``"ndarray"`` a C-contiguous array (an F-ordered
-    array's transpose, ``order="F"``), for ``"bytes"`` a bytes, bytearray or contiguous
-    byte memoryview, for ``"msgpack"`` the packed bytes.
+    array's transpose, ``order="F"``; ``kind`` says what it was), for ``"bytes"`` a bytes,
+    bytearray or contiguous byte memoryview, for ``"msgpack"`` the packed bytes, for
+    ``"tree"`` the packed skeleton, followed by its ``leaves``.
 
-    Small on purpose (a shard may hold hundreds of thousands of blobs): the payload view,
+    Small on purpose (a shard may hold hundreds of thousands of blobs): the payload views,
     the length, dtype and shape are derived when asked for, not stored.
     """
 
@@ -223,27 +358,36 @@ class EncodedBlob:
     encoding: str
     source: Any
     order: str | None = None
+    kind: str | None = None
+    stateful: bool = False
+    leaves: tuple[EncodedLeaf, ...] = ()
 
     @property
     def payload(self) -> memoryview:
-        """The payload bytes (a view of :attr:`source`, no copy)."""
+        """The payload bytes of a blob that is one buffer (not a ``"tree"``), without a copy."""
+        if self.encoding == "tree":
+            raise ValueError("a tree blob is several buffers: write its .buffers")
         if self.encoding == "ndarray":
             return _raw_view(self.source)
         return memoryview(self.source).cast("B")
 
     @property
     def buffers(self) -> tuple[memoryview, ...]:
+        """The payload as the buffers to write one after another (views, no copy)."""
+        if self.encoding == "tree":
+            return (memoryview(self.source).cast("B"), *(leaf.payload for leaf in self.leaves))
         return (self.payload,)
 
     @property
     def length(self) -> int:
         if self.encoding == "ndarray":
             return int(self.source.nbytes)
-        return memoryview(self.source).nbytes if isinstance(self.source, memoryview) else len(self.source)
+        head = memoryview(self.source).nbytes if isinstance(self.source, memoryview) else len(self.source)
+        return head + sum(int(leaf.stored.nbytes) for leaf in self.leaves)
 
     @property
     def dtype(self) -> str | None:
-        return self.source.dtype.str if self.encoding == "ndarray" else None
+        return arrays.dtype_spec(self.source.dtype) if self.encoding == "ndarray" else None
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -252,16 +396,85 @@ class EncodedBlob:
         shape = tuple(self.source.shape)
         return shape[::-1] if self.order == "F" else shape  # an F-ordered array is stored transposed
 
-    def entry(self, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> BlobEntry:
-        return BlobEntry(offset, self.length, self.encoding, crc, self.dtype, self.shape, self.order, xxh3, ref)
+    def _leaf_entries(self, leaf_crcs: Sequence[int] | None) -> tuple[LeafEntry, ...]:
+        if leaf_crcs is None:
+            leaf_crcs = [checksum(leaf.payload) for leaf in self.leaves]
+        if len(leaf_crcs) != len(self.leaves):
+            raise ValueError(f"blob {self.name!r} has {len(self.leaves)} leaves, got {len(leaf_crcs)} CRCs")
+        offset = len(self.source)
+        out = []
+        for leaf, crc in zip(self.leaves, leaf_crcs):
+            out.append(leaf.entry(offset, crc))
+            offset += int(leaf.stored.nbytes)
+        return tuple(out)
 
-    def entry_json(self, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> dict[str, Any]:
-        """:meth:`BlobEntry.to_json` of :meth:`entry`, without the entry."""
-        out: dict[str, Any] = {"offset": offset, "length": self.length, "encoding": self.encoding, "crc32c": crc}
+    def entry(
+        self,
+        offset: int,
+        crc: int,
+        leaf_crcs: Sequence[int] | None = None,
+        xxh3: bytes | None = None,
+        ref: int | None = None,
+    ) -> BlobEntry:
+        """The blob's index entry at ``offset`` with CRC32C ``crc``; ``leaf_crcs`` are the
+        CRC32Cs of a tree's leaves (computed here when not given); ``xxh3`` and ``ref``:
+        the fields of an incremental save."""
         if self.encoding == "ndarray":
-            out.update(dtype=self.dtype, shape=list(self.shape or ()), order=self.order)
-        out.update(_reuse_fields(xxh3, ref))
-        return out
+            return BlobEntry(
+                offset,
+                self.length,
+                self.encoding,
+                crc,
+                self.dtype,
+                self.shape,
+                self.order,
+                self.kind,
+                self.stateful,
+                xxh3=xxh3,
+                ref=ref,
+            )
+        if self.encoding == "tree":
+            leaves = self._leaf_entries(leaf_crcs)
+            return BlobEntry(
+                offset,
+                self.length,
+                self.encoding,
+                crc,
+                stateful=self.stateful,
+                skeleton=len(self.source),
+                leaves=leaves,
+                xxh3=xxh3,
+                ref=ref,
+            )
+        return BlobEntry(offset, self.length, self.encoding, crc, stateful=self.stateful, xxh3=xxh3, ref=ref)
+
+    def entry_json(
+        self,
+        offset: int,
+        crc: int,
+        leaf_crcs: Sequence[int] | None = None,
+        xxh3: bytes | None = None,
+        ref: int | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`BlobEntry.to_json` of :meth:`entry`."""
+        if self.encoding != "tree":  # the hot path of shards of many small blobs: no entry object
+            out: dict[str, Any] = {"offset": offset, "length": self.length, "encoding": self.encoding, "crc32c": crc}
+            if self.encoding == "ndarray":
+                assert self.order is not None and self.dtype is not None and self.shape is not None
+                out.update(_array_json(self.dtype, self.shape, self.order, self.kind or "numpy"))
+            if self.stateful:
+                out["stateful"] = True
+            out.update(_reuse_fields(xxh3, ref))
+            return out
+        return self.entry(offset, crc, leaf_crcs, xxh3, ref).to_json()
+
+
+def combine_checksums(crcs: Sequence[int], lengths: Sequence[int]) -> int:
+    """The CRC32C of consecutive buffers from theirs and their lengths."""
+    crc = 0
+    for part, length in zip(crcs, lengths):
+        crc = checksum_combine(crc, part, length)
+    return crc
 
 
 # --------------------------------------------------------------------------- encode
@@ -270,39 +483,6 @@ class EncodedBlob:
 class _Unsupported(TypeError):
     def __init__(self, path: str, value: Any, why: str = ""):
         super().__init__(path, f"unsupported type {type(value).__module__}.{type(value).__qualname__}{why}")
-
-
-_DTYPE_RE = re.compile(r"^[<>|][biufcmMSU][0-9]{1,6}(\[[0-9]*[A-Za-z]{1,2}\])?$")
-
-
-def _array_dtype(dtype_str: str) -> np.dtype[Any]:
-    # a strict syntax check first: numpy warns (or worse) on legacy spellings
-    if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
-        raise ValueError(f"bad dtype {dtype_str!r}")
-    try:
-        dtype = np.dtype(dtype_str)
-    except TypeError as exc:
-        raise ValueError(f"bad dtype {dtype_str!r}") from exc
-    if dtype.kind not in _ARRAY_KINDS or dtype.itemsize == 0 or dtype.str != dtype_str:
-        raise ValueError(f"unsupported dtype {dtype_str!r}")
-    return dtype
-
-
-def is_plain_array(value: Any) -> bool:
-    """Whether ``value`` is an array whose data is all there is to it: a plain
-    ``np.ndarray`` or a ``np.memmap`` (whose file backing is no part of its value)."""
-    return type(value) is np.ndarray or type(value) is np.memmap
-
-
-def _check_array(arr: np.ndarray[Any, Any], path: str) -> None:
-    if not is_plain_array(arr):
-        # a subclass carries state beyond the data (a mask, matrix semantics...) that a
-        # load would silently drop: refuse it rather than return something else
-        if isinstance(arr, np.ma.MaskedArray):
-            raise _Unsupported(path, arr, ": masked arrays are not supported (save .data and .mask as two blobs)")
-        raise _Unsupported(path, arr, ": ndarray subclasses are not supported (save np.asarray(value))")
-    if arr.dtype.kind not in _ARRAY_KINDS or arr.dtype.itemsize == 0 or arr.dtype.fields is not None:
-        raise _Unsupported(path, arr, f" with dtype {arr.dtype}")
 
 
 def _array_layout(arr: np.ndarray[Any, Any]) -> tuple[str, np.ndarray[Any, Any]]:
@@ -326,63 +506,133 @@ def _utf8_checked(text: str, path: str, value: Any) -> str:
     return text
 
 
-def _to_tree(value: Any, path: str, depth: int) -> Any:
-    """Convert ``value`` into objects msgpack packs natively (with ExtTypes)."""
-    if depth > _MAX_DEPTH:
-        raise _Unsupported(path, value, " (nested too deeply or cyclic)")
-    if value is None:
-        return None
-    if isinstance(value, np.generic):  # before the builtins: np.float64 is a float subclass
-        arr = np.asarray(value)
-        _check_array(arr, path)
-        return msgpack.ExtType(ExtCode.NUMPY_SCALAR, msgpack.packb([arr.dtype.str, arr.tobytes()]))
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
-        return _utf8_checked(str(value), path, value)
-    if isinstance(value, int):
-        value = int(value)
-        if -(1 << 63) <= value < (1 << 64):
-            return value
-        return msgpack.ExtType(ExtCode.BIGINT, str(value).encode())
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, np.ndarray):
-        _check_array(value, path)
-        order, stored = _array_layout(value)
-        body = msgpack.packb([value.dtype.str, list(value.shape), order, _raw_view(stored)])
-        return msgpack.ExtType(ExtCode.NDARRAY, body)
-    if isinstance(value, tuple):
-        items = [_to_tree(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-        return msgpack.ExtType(ExtCode.TUPLE, msgpack.packb(items))
-    if isinstance(value, list):
-        return [_to_tree(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _Unsupported(f"{path}[{key!r}]", key, " as a dict key (keys must be str)")
-            key = _utf8_checked(str(key), f"{path}[{key!r}]", key)
-            out[key] = _to_tree(item, f"{path}[{key!r}]", depth + 1)
-        return out
-    raise _Unsupported(path, value)
+def _array_nbytes(value: Any, kind: str) -> int:
+    if kind == "torch":
+        return int(value.numel()) * int(value.element_size())
+    return int(value.nbytes)
 
 
-def encode_blob(name: str, value: Any) -> EncodedBlob:
-    """Encode one blob; a :class:`TypeError` names the blob and the unsupported type."""
+def _host(value: Any, kind: str, path: str) -> np.ndarray[Any, Any]:
     try:
-        if isinstance(value, np.ndarray):
-            _check_array(value, name)
-            order, stored = _array_layout(value)
-            return EncodedBlob(name, "ndarray", stored, order)
+        return arrays.host_view(value, kind)
+    except arrays.UnsupportedArray as exc:
+        raise _Unsupported(path, value, f": {exc}") from None
+
+
+def _scalar(value: np.generic, path: str) -> msgpack.ExtType:
+    arr = np.asarray(value)  # a zero-length bytes_/str_ scalar becomes one of length 1
+    spec = arrays.dtype_spec(arr.dtype)
+    if spec is None:
+        raise _Unsupported(path, value, f" with dtype {arr.dtype}")
+    return msgpack.ExtType(ExtCode.NUMPY_SCALAR, msgpack.packb([spec, arr.tobytes()]))
+
+
+class _TreeEncoder:
+    """Converts one blob's value into objects msgpack packs natively (with ExtTypes);
+    arrays of at least :data:`INLINE_MAX` bytes become leaves."""
+
+    def __init__(self, blob: str, stage: Stage | None):
+        self.blob = blob
+        self.stage = stage
+        self.leaves: list[EncodedLeaf] = []
+
+    def leaf(self, value: Any, kind: str, path: str) -> EncodedLeaf:
+        """``value`` as stored bytes: the caller's memory, or a staged copy."""
+        if self.stage is not None:
+            try:
+                host = self.stage(self.blob, len(self.leaves), value, kind)
+            except arrays.UnsupportedArray as exc:
+                raise _Unsupported(path, value, f": {exc}") from None
+        else:
+            host = _host(value, kind, path)
+        order, stored = _array_layout(host)
+        return EncodedLeaf(stored, order, kind)
+
+    def array(self, value: Any, kind: str, path: str) -> msgpack.ExtType:
+        if _array_nbytes(value, kind) >= INLINE_MAX:
+            self.leaves.append(self.leaf(value, kind, path))
+            return msgpack.ExtType(ExtCode.LEAF, msgpack.packb(len(self.leaves) - 1))
+        host = _host(value, kind, path)
+        order, stored = _array_layout(host)
+        fields = [arrays.dtype_spec(host.dtype), list(host.shape), order, _raw_view(stored)]
+        if kind != "numpy":
+            fields.append(kind)
+        return msgpack.ExtType(ExtCode.NDARRAY, msgpack.packb(fields))
+
+    def tree(self, value: Any, path: str, depth: int) -> Any:
+        if depth > _MAX_DEPTH:
+            raise _Unsupported(path, value, " (nested too deeply or cyclic)")
+        if value is None:
+            return None
+        if isinstance(value, np.generic):  # before the builtins: np.float64 is a float subclass
+            return _scalar(value, path)
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, str):
+            return _utf8_checked(str(value), path, value)
+        if isinstance(value, int):
+            return _int(value)
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        kind = arrays.array_kind(value)
+        if kind is not None:
+            return self.array(value, kind, path)
+        if isinstance(value, tuple):
+            items = [self.tree(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+            return msgpack.ExtType(ExtCode.TUPLE, msgpack.packb(items))
+        if isinstance(value, list):
+            return [self.tree(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            out: dict[Any, Any] = {}
+            for key, item in value.items():
+                where = f"{path}[{key!r}]"
+                packed_key: str | int | msgpack.ExtType
+                if isinstance(key, str):
+                    packed_key = _utf8_checked(str(key), where, key)
+                elif isinstance(key, int) and not isinstance(key, bool):
+                    packed_key = _int(key)
+                else:
+                    raise _Unsupported(where, key, " as a dict key (keys must be str or int)")
+                out[packed_key] = self.tree(item, where, depth + 1)
+            return out
+        raise _Unsupported(path, value)
+
+
+def _int(value: int) -> int | msgpack.ExtType:
+    value = int(value)
+    if -(1 << 63) <= value < (1 << 64):
+        return value
+    return msgpack.ExtType(ExtCode.BIGINT, str(value).encode())
+
+
+def encode_blob(name: str, value: Any, stage: Stage | None = None) -> EncodedBlob:
+    """Encode one blob; a :class:`TypeError` names the blob (and the path inside it) and
+    the unsupported type. A ``Stateful`` value is encoded as its ``state_dict()``. With
+    ``stage``, the arrays that would be referenced in the caller's memory are copied
+    through it (the blob then refers to nothing of the caller's)."""
+    stateful = arrays.is_stateful(value)
+    if stateful:
+        value = value.state_dict()
+    try:
+        kind = arrays.array_kind(value)
+        if kind is not None:
+            host = stage(name, 0, value, kind) if stage is not None else _host(value, kind, name)
+            order, stored = _array_layout(host)
+            return EncodedBlob(name, "ndarray", stored, order, kind, stateful)
         if isinstance(value, (bytes, bytearray)) and not isinstance(value, np.generic):
-            return EncodedBlob(name, "bytes", value)
+            return EncodedBlob(name, "bytes", value if stage is None else bytes(value), stateful=stateful)
         if isinstance(value, memoryview):
-            return EncodedBlob(name, "bytes", value.cast("B") if value.c_contiguous else value.tobytes())
-        payload = msgpack.packb(_to_tree(value, name, 0), use_bin_type=True)
-        return EncodedBlob(name, "msgpack", payload)
+            view = value.cast("B") if value.c_contiguous and stage is None else value.tobytes()
+            return EncodedBlob(name, "bytes", view, stateful=stateful)
+        encoder = _TreeEncoder(name, stage)
+        payload = msgpack.packb(encoder.tree(value, name, 0), use_bin_type=True)
+        if encoder.leaves:
+            return EncodedBlob(name, "tree", payload, stateful=stateful, leaves=tuple(encoder.leaves))
+        return EncodedBlob(name, "msgpack", payload, stateful=stateful)
+    except arrays.UnsupportedArray as exc:
+        raise TypeError(f"blob {name!r}: unsupported {type(value).__qualname__}: {exc}") from None
     except _Unsupported as exc:
         path, why = exc.args
         if len(path) > 120:
@@ -390,8 +640,8 @@ def encode_blob(name: str, value: Any) -> EncodedBlob:
         raise TypeError(f"blob {path!r}: {why}") from None
 
 
-def encode_blobs(node: str, blobs: Mapping[str, Any]) -> list[EncodedBlob]:
-    """Encode every blob of one node, in name order.
+def encode_blobs(node: str, blobs: Mapping[str, Any], stage: Stage | None = None) -> list[EncodedBlob]:
+    """Encode every blob of one node, in name order (``stage``: see :func:`encode_blob`).
 
     Raises :class:`TypeError` naming the node, the blob and the type for the first
     unsupported value, and for a non-str or empty blob name.
@@ -405,7 +655,7 @@ def encode_blobs(node: str, blobs: Mapping[str, Any]) -> list[EncodedBlob]:
         except UnicodeEncodeError:
             raise TypeError(f"node {node!r}: blob name {name!r} is not valid UTF-8") from None
         try:
-            encoded.append(encode_blob(name, blobs[name]))
+            encoded.append(encode_blob(name, blobs[name], stage))
         except TypeError as exc:
             raise TypeError(f"node {node!r}, {exc}") from None
     return encoded
@@ -425,12 +675,21 @@ class ShardIndex:
         self._body = bytearray(self._packer.pack_map_header(count))
         self._missing = count
 
-    def add(self, blob: EncodedBlob, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> None:
+    def add(
+        self,
+        blob: EncodedBlob,
+        offset: int,
+        crc: int,
+        leaf_crcs: Sequence[int] | None = None,
+        xxh3: bytes | None = None,
+        ref: int | None = None,
+    ) -> None:
         """The entry of ``blob``, whose payload starts at ``offset`` and has CRC32C ``crc``
-        (and XXH3-128 digest ``xxh3``); with ``ref``, at ``offset`` of the record's
-        ``refs[ref]`` instead of this shard."""
+        (``leaf_crcs``: its leaves', for a tree; computed when not given) and XXH3-128
+        digest ``xxh3``; with ``ref``, at ``offset`` of the record's ``refs[ref]`` instead
+        of this shard."""
         self._body += self._packer.pack(blob.name)
-        self._body += self._packer.pack(blob.entry_json(offset, crc, xxh3, ref))
+        self._body += self._packer.pack(blob.entry_json(offset, crc, leaf_crcs, xxh3, ref))
         self._missing -= 1
 
     def trailer(self, index_offset: int) -> tuple[bytearray, int]:
@@ -460,7 +719,8 @@ def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob], *, fingerprint
     count = 0
     entries = 0
     for blob in blobs:
-        entries += len(packer.pack(blob.name)) + len(packer.pack(blob.entry_json(offset, 0xFFFFFFFF)))
+        widest = [0xFFFFFFFF] * len(blob.leaves)
+        entries += len(packer.pack(blob.name)) + len(packer.pack(blob.entry_json(offset, 0xFFFFFFFF, widest)))
         entries += REUSE_FIELDS_BOUND if fingerprinted else 0
         offset += blob.length
         count += 1
@@ -484,16 +744,19 @@ def _reuse_fields(xxh3: bytes | None, ref: int | None) -> dict[str, Any]:
     return out
 
 
-def fingerprint(buffers: Iterable[memoryview]) -> tuple[int, bytes]:
-    """CRC32C and XXH3-128 digest of ``buffers`` written one after another, in one pass
-    (chunk by chunk, so each byte comes from memory once). CPU work, GIL released."""
-    crc, digest = 0, xxhash.xxh3_128()
+def fingerprint(buffers: Iterable[memoryview]) -> tuple[list[int], bytes]:
+    """The CRC32C of each of ``buffers`` and the XXH3-128 digest of all of them written
+    one after another, in one pass (chunk by chunk, so each byte comes from memory
+    once). CPU work, GIL released."""
+    crcs, digest = [], xxhash.xxh3_128()
     for buffer in buffers:
+        crc = 0
         for start in range(0, buffer.nbytes, _FINGERPRINT_CHUNK):
             chunk = buffer[start : start + _FINGERPRINT_CHUNK]
             crc = checksum(chunk, crc)
             digest.update(chunk)
-    return crc, digest.digest()
+        crcs.append(crc)
+    return crcs, digest.digest()
 
 
 # --------------------------------------------------------------------------- decode
@@ -508,7 +771,7 @@ def parse_header(data: bytes | memoryview, where: str) -> dict[str, Any]:
         header = msgpack.unpackb(bytes(data[HEADER_PREFIX_SIZE : HEADER_PREFIX_SIZE + size]))
         if not isinstance(header, dict) or header.get("format") != "asyncckpt-shard":
             raise ValueError("not an asyncckpt shard header")
-        if header.get("version") != FORMAT_VERSION:
+        if header.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported shard format version {header.get('version')!r}")
         return header
     except (ValueError, struct.error, msgpack.UnpackException, TypeError) as exc:
@@ -539,26 +802,53 @@ def parse_index(body: bytes | memoryview, crc: int, where: str) -> dict[str, Blo
     return {name: BlobEntry.from_json(entry, f"{where} blob {name!r}") for name, entry in raw.items()}
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == ExtCode.NDARRAY:
-        dtype_str, shape, order, raw = msgpack.unpackb(data, raw=False)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError("bad array shape")
-        return _array_from(memoryview(raw), _array_dtype(dtype_str), tuple(shape), order, copy=True)
-    if code == ExtCode.NUMPY_SCALAR:
-        dtype_str, raw = msgpack.unpackb(data, raw=False)
-        dtype = _array_dtype(dtype_str)
-        if len(raw) != dtype.itemsize:
-            raise ValueError("numpy scalar size mismatch")
-        return np.frombuffer(raw, dtype=dtype, count=1)[0]
-    if code == ExtCode.TUPLE:
-        items = msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True)
-        if not isinstance(items, list):
-            raise ValueError("tuple payload is not a list")
-        return tuple(items)
-    if code == ExtCode.BIGINT:
-        return int(data.decode("ascii"))
-    raise ValueError(f"unknown msgpack extension code {code}")
+def _checked_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A decoded msgpack map whose keys are all ``str`` or ``int`` (not ``bool``)."""
+    out = {}
+    for key, value in pairs:
+        if type(key) is not str and type(key) is not int:
+            raise ValueError(f"dict key of type {type(key).__name__}")
+        out[key] = value
+    return out
+
+
+def _unpack(data: Any, leaf: Callable[[int], Any] | None = None) -> Any:
+    """A msgpack payload or skeleton as its value; ``leaf(n)`` is the value of leaf ``n``."""
+
+    def ext_hook(code: int, body: bytes) -> Any:
+        if code == ExtCode.NDARRAY:
+            dtype_spec, shape, order, raw, *rest = msgpack.unpackb(body, raw=False)
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError("bad array shape")
+            kind = rest[0] if rest else "numpy"
+            if len(rest) > 1 or kind not in arrays.KINDS or not isinstance(raw, bytes):
+                raise ValueError("bad inline array")
+            dtype = arrays.dtype_from_spec(dtype_spec)
+            return arrays.from_host(_array_from(memoryview(raw), dtype, tuple(shape), order, copy=True), kind)
+        if code == ExtCode.NUMPY_SCALAR:
+            dtype_spec, raw = msgpack.unpackb(body, raw=False)
+            dtype = arrays.dtype_from_spec(dtype_spec)
+            if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
+                raise ValueError("numpy scalar size mismatch")
+            return np.frombuffer(raw, dtype=dtype, count=1)[0]
+        if code == ExtCode.TUPLE:
+            items = unpack(body)
+            if not isinstance(items, list):
+                raise ValueError("tuple payload is not a list")
+            return tuple(items)
+        if code == ExtCode.BIGINT:
+            return int(body.decode("ascii"))
+        if code == ExtCode.LEAF and leaf is not None:
+            number = msgpack.unpackb(body)
+            if type(number) is not int:
+                raise ValueError("bad leaf number")
+            return leaf(number)
+        raise ValueError(f"unknown msgpack extension code {code}")
+
+    def unpack(body: Any) -> Any:
+        return msgpack.unpackb(body, raw=False, ext_hook=ext_hook, strict_map_key=False, object_pairs_hook=_checked_map)
+
+    return unpack(data)
 
 
 def _array_from(
@@ -577,12 +867,47 @@ def _array_from(
     return flat.reshape(shape)
 
 
+def leaf_array(leaf: LeafEntry | BlobEntry, payload: memoryview) -> np.ndarray[Any, Any]:
+    """The host array of an ``"ndarray"`` blob or of a tree's leaf, from its bytes: a view
+    when ``payload`` is writable, a copy otherwise."""
+    assert leaf.dtype is not None and leaf.shape is not None and leaf.order is not None
+    return _array_from(payload, arrays.dtype_from_spec(leaf.dtype), leaf.shape, leaf.order, copy=False)
+
+
+def decode_tree(entry: BlobEntry, skeleton: memoryview, leaf: Callable[[int], Any]) -> Any:
+    """The value of a ``"tree"`` blob from its skeleton's bytes, ``leaf(n)`` giving leaf
+    ``n``'s value; a skeleton that names a leaf twice, one that does not exist or not
+    every leaf is :class:`ValueError`."""
+    used: set[int] = set()
+
+    def checked_leaf(number: int) -> Any:
+        if not 0 <= number < len(entry.leaves) or number in used:
+            raise ValueError(f"bad or repeated leaf number {number}")
+        used.add(number)
+        return leaf(number)
+
+    value = _unpack(skeleton, checked_leaf)
+    if len(used) != len(entry.leaves):
+        raise ValueError("the skeleton does not use every leaf")
+    return value
+
+
+def _tree_value(entry: BlobEntry, payload: memoryview) -> Any:
+    assert entry.skeleton is not None
+
+    def leaf(number: int) -> Any:
+        spec = entry.leaves[number]
+        return arrays.from_host(leaf_array(spec, payload[spec.offset : spec.offset + spec.length]), spec.kind)
+
+    return decode_tree(entry, payload[: entry.skeleton], leaf)
+
+
 def decode_blob(entry: BlobEntry, payload: memoryview, where: str, *, verify: bool = True) -> Any:
     """Decode one blob from its payload bytes.
 
-    Arrays are views into ``payload`` when it is writable (zero copy), copies otherwise,
-    so the result is always writable. Raises :class:`CheckpointCorruptedError` on a
-    checksum, size or decoding mismatch.
+    Arrays (and CPU tensors) are views into ``payload`` when it is writable (zero copy),
+    copies otherwise, so the result is always writable. Raises
+    :class:`CheckpointCorruptedError` on a checksum, size or decoding mismatch.
     """
     if payload.nbytes != entry.length:
         raise CheckpointCorruptedError(f"{where}: expected {entry.length} bytes, got {payload.nbytes}")
@@ -590,12 +915,15 @@ def decode_blob(entry: BlobEntry, payload: memoryview, where: str, *, verify: bo
         raise CheckpointCorruptedError(f"{where}: CRC32C mismatch (stored bytes are corrupted)")
     try:
         if entry.encoding == "ndarray":
-            assert entry.dtype is not None and entry.shape is not None and entry.order is not None
-            return _array_from(payload, _array_dtype(entry.dtype), entry.shape, entry.order, copy=False)
+            return arrays.from_host(leaf_array(entry, payload), entry.kind or "numpy")
         if entry.encoding == "bytes":
             return bytes(payload)
-        return msgpack.unpackb(payload, raw=False, ext_hook=_ext_hook, strict_map_key=True)
+        if entry.encoding == "tree":
+            return _tree_value(entry, payload)
+        return _unpack(payload)
     except CheckpointCorruptedError:
         raise
+    except CheckpointError as exc:  # a framework or dtype library this blob needs is missing
+        raise type(exc)(f"{where}: {exc}") from None
     except Exception as exc:  # any decoding failure of verified-but-malformed bytes
         raise CheckpointCorruptedError(f"{where}: blob does not decode ({type(exc).__name__}: {exc})") from None

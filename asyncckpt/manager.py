@@ -3,7 +3,7 @@
 The manager keeps caffe2's surface and delegates: :mod:`.staging` encodes workspaces
 and runs background saves, :mod:`.attempt` uploads one save attempt, :mod:`.commit`
 commits it (create-only decision and manifest, the multi-process agreement),
-:mod:`.transfer` moves every node's shard at once, :mod:`.housekeeping` lists epochs
+:mod:`.transfer` moves every node's shard at once (:mod:`.restore`: loads, in place), :mod:`.housekeeping` lists epochs
 and collects garbage (its methods: :mod:`.maintenance`), :mod:`.handler` calls the
 user's metadata handler and
 :mod:`.stats` keeps the reports. What is left here is the order of things: which
@@ -38,11 +38,12 @@ from .housekeeping import (
 from .maintenance import EpochMaintenance
 from .manifest import EpochIndex, EpochManifest, EpochRef, check_metrics, read_index, read_manifest
 from .progress import Progress, check_progress, reporting
+from .restore import restore_partial, restore_workspaces
 from .retention import Retention
 from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces, shards_size_bound
 from .stats import StatsBook
 from .storage import PATH_TYPES, ByteBudget, Storage, reader_for, storage_for
-from .transfer import Reuse, load_partial, load_whole
+from .transfer import Reuse
 from .workspaces import Workspaces, job_workspaces, normalize_nodes, partial_request
 
 __all__ = ["MultiNodeCheckpointManager"]
@@ -442,11 +443,22 @@ class MultiNodeCheckpointManager(EpochMaintenance):
     ) -> None:
         """Restore every node's blobs of ``epoch`` into its workspace, all or nothing.
 
-        Everything is fetched and verified before any workspace changes; on any error
-        every workspace is as it was. Loaded blobs replace same-named entries; other
-        entries are left alone. An epoch deleted while it loads is
-        :class:`CheckpointNotFoundError`. ``progress(bytes_done, bytes_total)`` is called
-        from the event loop as shard bytes arrive (throttled).
+        Loaded blobs replace same-named entries; other entries are left alone. An entry
+        that holds an array or tensor of the blob's dtype and shape is written in place
+        (same object, same device; read straight into C-contiguous host memory); a
+        ``Stateful`` entry (``state_dict()``/``load_state_dict()``: a module, optimizer,
+        scheduler) gets ``load_state_dict`` with the restored state dict, whose large
+        tensors were written into its current ones, and stays the same object.
+
+        All or nothing: every byte is read and verified before ``load_state_dict`` is
+        called and before any entry is replaced; a target is copied to an undo journal
+        (a temporary file) before it is overwritten, and on any error (I/O, damage,
+        another node, a ``load_state_dict``, cancellation) every target gets its bytes
+        back and every ``load_state_dict`` that ran is given the previous state dict
+        before the error propagates (non-tensor settings it took may stay). An epoch
+        deleted while it loads is :class:`CheckpointNotFoundError`.
+        ``progress(bytes_done, bytes_total)`` is called from the event loop as shard
+        bytes arrive (throttled).
         """
         layout.validate_epoch(epoch)
         progress = check_progress(progress)
@@ -459,14 +471,12 @@ class MultiNodeCheckpointManager(EpochMaintenance):
         try:
             index = await read_index(storage, await read_manifest(storage, epoch))
             _check_nodes_present(index, list(workspaces))
-            with reporting(progress, sum(index.nodes[node].size for node in workspaces)):
-                values, node_stats = await load_whole(storage, self._config, index, list(workspaces))
+            with reporting(progress, sum(index.nodes[node].load_bytes for node in workspaces)):
+                node_stats = await restore_workspaces(storage, self._config, index, workspaces)
         except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
             if await storage.exists(layout.manifest_key(epoch)):
                 raise
             raise CheckpointNotFoundError(f"epoch {epoch} is not committed in {storage.url} (deleted?)") from exc
-        for node, blobs in values.items():
-            workspaces[node].update(blobs)
         self._remember(index, storage)
         self._stats.record("checkpoint_load", index, time.perf_counter() - started, storage, node_stats)
 
@@ -478,7 +488,9 @@ class MultiNodeCheckpointManager(EpochMaintenance):
         A name is a blob name of one of ``nodes`` (``"total"``), or ``"node/blob"`` to pick
         the node. Names found in no listed shard are skipped; a plain name held by
         several listed nodes is a :class:`ValueError`. Only the requested blobs' bytes
-        are fetched (blobs close together share one ranged GET). Returns ``False``,
+        are fetched, into ``session``'s arrays and tensors of the same dtype and shape
+        where it holds some (in place, all or nothing as in :meth:`load`); a
+        ``Stateful`` blob comes as its plain state dict. Returns ``False``,
         leaving ``session`` untouched, when the epoch or a listed node's shard does not
         exist.
         """
@@ -492,15 +504,13 @@ class MultiNodeCheckpointManager(EpochMaintenance):
             index = await read_index(storage, await read_manifest(storage, epoch))
             if any(node not in index.nodes for node in node_names):
                 return False
-            loaded = await load_partial(storage, self._config, index, node_names, names)
+            node_stats = await restore_partial(storage, self._config, index, node_names, names, session)
         except (CheckpointNotFoundError, CheckpointCorruptedError):
             if await storage.exists(layout.manifest_key(epoch)):
                 raise
             return False  # not committed (any more: a delete ran beside us)
-        if loaded is None:
+        if node_stats is None:
             return False  # a listed node's shard is gone: nothing is loaded
-        values, node_stats = loaded
-        session.update(values)
         self._stats.record("checkpoint_partial_load", index, time.perf_counter() - started, storage, node_stats)
         return True
 

@@ -158,6 +158,12 @@ class NodeRecord:
         return (self.shard,) if self.receipt is None else (self.shard, self.receipt)
 
     @property
+    def load_bytes(self) -> int:
+        """The bytes a whole load of this node reads: its shard and the bytes of other
+        epochs' objects its blobs point at."""
+        return self.size + self.stats.reused_bytes
+
+    @property
     def referenced(self) -> tuple[str, ...]:
         """The objects of other epochs this node's blobs live in too."""
         return tuple(ref.key for ref in self.refs)

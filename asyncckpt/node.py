@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +51,15 @@ class PriorBlobs:
     record: NodeRecord
     entries: Mapping[str, BlobEntry]
 
-    def reusable(self, blob: EncodedBlob, crc: int, xxh3: bytes) -> tuple[BlobEntry, ObjectRef] | None:
+    def reusable(
+        self, blob: EncodedBlob, crc: int, leaf_crcs: Sequence[int] | None, xxh3: bytes
+    ) -> tuple[BlobEntry, ObjectRef] | None:
         """The entry of ``blob`` in ``base`` and the object holding its bytes, if its
-        bytes (CRC32C, XXH3-128, length) and its layout (encoding, dtype, shape, order)
-        are the same; else ``None``."""
+        bytes (CRC32C, XXH3-128, length) and its layout are the same (encoding, dtype
+        name, shape, order, kind: numpy, torch or jax; ``stateful``; a tree's skeleton
+        length and every leaf's offset, length, CRC32C and layout); else ``None``."""
         entry = self.entries.get(blob.name)
-        if entry is None or entry.xxh3 is None or blob.entry(entry.offset, crc, xxh3, entry.ref) != entry:
+        if entry is None or entry.xxh3 is None or blob.entry(entry.offset, crc, leaf_crcs, xxh3, entry.ref) != entry:
             return None
         if entry.ref is None:
             return entry, ObjectRef(self.record.shard, self.record.size)
@@ -100,27 +103,28 @@ class ShardWriter:
                 await out.write(header)
                 offset = len(header)
                 for blob in encoded:
-                    view = blob.payload
+                    views = blob.buffers
                     xxh3: bytes | None = None
-                    if self.incremental and view.nbytes >= REUSE_MIN:
-                        if view.nbytes >= _THREAD_MIN:
-                            crc, xxh3 = await asyncio.to_thread(codec.fingerprint, blob.buffers)
+                    if self.incremental and blob.length >= REUSE_MIN:
+                        if blob.length >= _THREAD_MIN:
+                            crcs, xxh3 = await asyncio.to_thread(codec.fingerprint, views)
                         else:
-                            crc, xxh3 = codec.fingerprint(blob.buffers)
-                    elif view.nbytes >= _THREAD_MIN:
-                        crc = await asyncio.to_thread(codec.checksum, view)
+                            crcs, xxh3 = codec.fingerprint(views)
                     else:
-                        crc = codec.checksum(view)
-                    found = prior.reusable(blob, crc, xxh3) if prior is not None and xxh3 is not None else None
+                        crcs = [await _checksum(view) for view in views]
+                    blob_crc = codec.combine_checksums(crcs, [view.nbytes for view in views])
+                    leaf_crcs = crcs[1:] if blob.leaves else None
+                    found = prior.reusable(blob, blob_crc, leaf_crcs, xxh3) if prior and xxh3 is not None else None
                     if found is not None:  # unchanged: point at the bytes already stored
                         entry, stored_in = found
-                        index.add(blob, entry.offset, crc, xxh3, refs.setdefault(stored_in, len(refs)))
-                        reused += view.nbytes
-                        advance(view.nbytes)
+                        index.add(blob, entry.offset, blob_crc, leaf_crcs, xxh3, refs.setdefault(stored_in, len(refs)))
+                        reused += blob.length
+                        advance(blob.length)
                         continue
-                    await out.write(view, crc)
-                    index.add(blob, offset, crc, xxh3)
-                    offset += view.nbytes
+                    for view, crc in zip(views, crcs):
+                        await out.write(view, crc)
+                    index.add(blob, offset, blob_crc, leaf_crcs, xxh3)
+                    offset += blob.length
                 trailer, index_crc = index.trailer(offset)
                 await out.write(trailer)
                 await out.flush()
@@ -175,6 +179,11 @@ class _GatheredWrites:
             advance(len(pending))
 
 
+async def _checksum(view: memoryview) -> int:
+    """CRC32C of ``view``, computed in a worker thread when it is large."""
+    return await asyncio.to_thread(codec.checksum, view) if view.nbytes >= _THREAD_MIN else codec.checksum(view)
+
+
 def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:
     """Merge ``[start, end)`` ranges that overlap or are at most ``max_gap`` apart."""
     merged: list[tuple[int, int]] = []
@@ -203,48 +212,66 @@ class ShardReader:
     record: NodeRecord
     config: TransferConfig
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"node {self.node!r}, object {self.storage.url_of(self.record.shard)}"
 
-    async def _fetch(self, start: int, end: int) -> memoryview:
+    async def fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
         # The decoded arrays are views into this memory. A bytearray, not np.empty:
         # numpy asks for transparent huge pages on large arrays, and where the kernel
         # compacts memory to find them (THP defrag "madvise"), first touch is far slower.
         buffer = memoryview(bytearray(end - start))
+        await self.read_into(buffer, start)
+        return buffer
+
+    async def read_into(
+        self, buffer: memoryview, start: int, *, inflight: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        """Fill ``buffer`` (a writable byte view: a fresh buffer, or a load's target
+        memory) with the shard's bytes from ``start`` on, in parallel ranges when large.
+
+        With ``inflight``, each range is a task added to it that cancelling this call
+        does not stop (a local read runs in a worker thread that nothing stops): the
+        caller waits for them before it touches ``buffer`` again."""
         key = self.record.shard
 
         async def piece(lo: int, hi: int) -> None:
-            await self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            read = self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            if inflight is None:
+                await read
+            else:
+                task = asyncio.ensure_future(read)
+                inflight.add(task)
+                await asyncio.shield(task)
             advance(hi - lo)
 
+        end = start + buffer.nbytes
         try:
             await run_all(piece(lo, hi) for lo, hi in split_range(start, end, self.config.range_size))
         except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"{self._where()}: shard object is missing") from None
+            raise CheckpointNotFoundError(f"{self.where()}: shard object is missing") from None
         except ObjectTooShortError:
             raise CheckpointCorruptedError(
-                f"{self._where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
+                f"{self.where()}: shard is shorter than the manifest's {self.record.size} bytes (truncated)"
             ) from None
-        return buffer
 
     async def check_size(self) -> None:
         """The shard object exists with its recorded size (a HEAD): checked before any
         buffer of the recorded size is allocated."""
         info = await self.storage.head(self.record.shard)
         if info is None:
-            raise CheckpointNotFoundError(f"{self._where()}: shard object is missing")
+            raise CheckpointNotFoundError(f"{self.where()}: shard object is missing")
         if info.size != self.record.size:
             raise CheckpointCorruptedError(
-                f"{self._where()}: shard is {info.size} bytes, the manifest says {self.record.size} "
+                f"{self.where()}: shard is {info.size} bytes, the manifest says {self.record.size} "
                 "(truncated or replaced)"
             )
 
     async def read_all(self) -> dict[str, Any]:
         """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
         await self.check_size()
-        data = await self._fetch(0, self.record.size)
+        data = await self.fetch(0, self.record.size)
         values = await asyncio.to_thread(self.decode, data)
         if self.record.refs:  # format 3: some blobs live in objects of other epochs
             values.update(await self.read_referenced(await asyncio.to_thread(self._referenced_entries, data)))
@@ -254,7 +281,7 @@ class ShardReader:
         """Verify a whole shard's bytes (header, trailer, index, the CRC32C of every blob
         and of the shard against the record) and decode every blob. CPU work: the arrays
         are views into ``data``. Damage is :class:`CheckpointCorruptedError`."""
-        where = self._where()
+        where = self.where()
         if data.nbytes != self.record.size:
             raise CheckpointCorruptedError(f"{where}: shard is {data.nbytes} bytes, the record says {self.record.size}")
         header = codec.parse_header(data, where)
@@ -276,7 +303,7 @@ class ShardReader:
         }
 
     def _parse_index(self, trailer: memoryview, body_at: Callable[[int, int], memoryview]) -> dict[str, BlobEntry]:
-        where = self._where()
+        where = self.where()
         offset, length, crc = codec.parse_trailer(trailer, self.record.size, where)
         if self.record.index_crc32c is not None and crc != self.record.index_crc32c:
             raise CheckpointCorruptedError(f"{where}: blob index differs from the record's (a shard of another node?)")
@@ -295,10 +322,10 @@ class ShardReader:
         The caller checks the object's size first (:meth:`check_size`)."""
         size = self.record.size
         start = max(0, size - _TAIL_GUESS)
-        tail = await self._fetch(start, size)
-        offset, _, _ = codec.parse_trailer(tail[tail.nbytes - codec.TRAILER_SIZE :], size, self._where())
+        tail = await self.fetch(start, size)
+        offset, _, _ = codec.parse_trailer(tail[tail.nbytes - codec.TRAILER_SIZE :], size, self.where())
         if offset < start:  # a large index: fetch it whole
-            start, tail = offset, await self._fetch(offset, size)
+            start, tail = offset, await self.fetch(offset, size)
         return self._parse_index(tail[tail.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: tail[lo - start : hi - start])
 
     async def read_prior(self, base: EpochRef) -> PriorBlobs:
@@ -306,15 +333,6 @@ class ShardReader:
         save: the object's size is checked, then its blob index read from its tail."""
         await self.check_size()
         return PriorBlobs(base, self.record, await self.read_index())
-
-    async def read_blobs(self, wanted: Mapping[str, BlobEntry]) -> dict[str, Any]:
-        """The ``wanted`` blobs (entries of :meth:`read_index`), from this shard
-        (:meth:`read_some`) or from the objects of other epochs they live in."""
-        values = await self.read_some({name: entry for name, entry in wanted.items() if entry.ref is None})
-        shared = {name: entry for name, entry in wanted.items() if entry.ref is not None}
-        if shared:
-            values.update(await self.read_referenced(shared))
-        return values
 
     def _referenced_entries(self, data: memoryview) -> dict[str, BlobEntry]:
         """The entries of the whole shard ``data`` whose bytes live in other objects."""
@@ -352,7 +370,7 @@ class ShardReader:
         if not wanted:
             return {}
         ranges = coalesce_ranges(((e.offset, e.offset + e.length) for e in wanted.values()), self.config.coalesce_gap)
-        buffers = await run_all(self._fetch(lo, hi) for lo, hi in ranges)
+        buffers = await run_all(self.fetch(lo, hi) for lo, hi in ranges)
         starts = [lo for lo, _ in ranges]
 
         def decode() -> dict[str, Any]:
@@ -361,7 +379,7 @@ class ShardReader:
                 at = bisect.bisect_right(starts, entry.offset) - 1
                 buf, lo = buffers[at], starts[at]
                 payload = buf[entry.offset - lo : entry.offset - lo + entry.length]
-                out[name] = codec.decode_blob(entry, payload, f"{self._where()}, blob {name!r}")
+                out[name] = codec.decode_blob(entry, payload, f"{self.where()}, blob {name!r}")
             return out
 
         return await asyncio.to_thread(decode)

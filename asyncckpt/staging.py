@@ -2,8 +2,9 @@
 
 One encode path serves both saves: :func:`encode_workspaces` encodes every node's blobs
 in place (``save``: zero-copy, the caller must not mutate until the upload ends) or,
-given a :class:`StagingBuffers`, copies the arrays into warm buffers first (``save_async``:
-afterwards nothing refers to the caller's mutable objects).
+given a :class:`StagingBuffers`, copies every array, nested ones (a state dict's tensors)
+included, into warm buffers first (``save_async``: afterwards nothing refers to the
+caller's mutable objects).
 
 :class:`BackgroundSaves` keeps at most one save in flight and makes sure a failure is
 seen: by ``await handle``, or else by the next save or ``close``.
@@ -14,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from . import codec
+from . import arrays, codec
 from .codec import EncodedBlob
 
 __all__ = ["BackgroundSaves", "SaveHandle", "StagingBuffers", "encode_workspaces", "shards_size_bound"]
@@ -29,53 +30,43 @@ Encoded = dict[str, list[EncodedBlob]]
 
 
 class StagingBuffers:
-    """Per node and blob, an array that receives a copy of the caller's array; kept
-    between snapshots so that the second snapshot on copies into warm memory."""
+    """Per node, blob and leaf, a host buffer that receives a copy of the caller's array
+    (pinned host memory for a CUDA tensor); kept between snapshots so that the second
+    snapshot on copies into warm memory."""
 
     def __init__(self) -> None:
-        self._arrays: dict[str, dict[str, np.ndarray[Any, Any]]] = {}
+        self._buffers: dict[str, dict[tuple[str, int], Any]] = {}
 
-    def freeze(self, node: str, blobs: Mapping[str, Any]) -> dict[str, Any]:
-        """``blobs`` with every array copied into a staging buffer and every mutable
-        byte buffer copied into ``bytes``; other values are immutable or are packed into
-        new bytes by the encoder. An ndarray subclass is passed on as it is, for the
-        encoder to refuse (a copy into a plain array would drop its mask or kind)."""
-        stage = self._arrays.setdefault(node, {})
-        frozen: dict[str, Any] = {}
-        for name, value in blobs.items():
-            if codec.is_plain_array(value):
-                order: Literal["C", "F"] = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
-                buf = stage.get(name)
-                if (
-                    buf is None
-                    or buf.shape != value.shape
-                    or buf.dtype != value.dtype
-                    or (order == "F" and not buf.flags.f_contiguous)
-                ):
-                    buf = np.empty(value.shape, value.dtype, order=order)
-                    stage[name] = buf
-                np.copyto(buf, value)
-                frozen[name] = buf
-            elif isinstance(value, (bytearray, memoryview)):
-                frozen[name] = bytes(value)
-            else:
-                frozen[name] = value
-        for stale in set(stage) - set(frozen):
-            del stage[stale]
-        return frozen
+    def encode(self, node: str, blobs: Mapping[str, Any]) -> list[EncodedBlob]:
+        """:func:`codec.encode_blobs` with every array leaf (top-level arrays, the tensors
+        of a state dict) copied into a staging buffer first; small arrays, scalars and
+        bytes are packed into new bytes by the encoder, and a mutable byte buffer is
+        copied. Afterwards the encoded blobs refer to nothing of the caller's."""
+        previous = self._buffers.get(node, {})
+        current: dict[tuple[str, int], Any] = {}
+
+        def stage(blob: str, leaf: int, value: Any, kind: str) -> np.ndarray[Any, Any]:
+            buffer, view = arrays.stage_copy(value, kind, previous.get((blob, leaf)))
+            current[(blob, leaf)] = buffer
+            return view
+
+        encoded = codec.encode_blobs(node, blobs, stage)
+        self._buffers[node] = current  # buffers of blobs gone (or changed shape) are dropped
+        return encoded
 
     def keep_only(self, nodes: Mapping[str, Any]) -> None:
-        for stale in set(self._arrays) - set(nodes):
-            del self._arrays[stale]
+        for stale in set(self._buffers) - set(nodes):
+            del self._buffers[stale]
 
 
 def encode_workspaces(workspaces: Mapping[str, Mapping[str, Any]], staging: StagingBuffers | None = None) -> Encoded:
     """Validate and encode every node's blobs (a :class:`TypeError` names the first
-    unsupported one, before anything is written). With ``staging``, arrays are copied
-    into it first. CPU work: run it in a worker thread."""
+    unsupported one, before anything is written); a ``Stateful`` value is encoded as its
+    ``state_dict()``. With ``staging``, arrays are copied into it first. CPU work: run
+    it in a worker thread."""
     encoded: Encoded = {}
     for node, blobs in workspaces.items():
-        encoded[node] = codec.encode_blobs(node, staging.freeze(node, blobs) if staging is not None else blobs)
+        encoded[node] = staging.encode(node, blobs) if staging is not None else codec.encode_blobs(node, blobs)
     if staging is not None:
         staging.keep_only(workspaces)
     return encoded

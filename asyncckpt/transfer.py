@@ -11,10 +11,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 from . import layout
-from ._tasks import run_all, settle_all, shielded
+from ._tasks import settle_all, shielded
 from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError, combine_node_failures
@@ -22,7 +22,7 @@ from .manifest import EpochIndex, EpochRef, NodeRecord, NodeStats
 from .node import PriorBlobs, ShardReader, ShardWriter
 from .storage import ByteBudget, Storage, collect_request_stats
 
-__all__ = ["Reuse", "discard", "load_partial", "load_whole", "plan_partial_load", "read_nodes", "upload_nodes"]
+__all__ = ["Reuse", "discard", "plan_partial_load", "read_nodes", "upload_nodes"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -106,17 +106,17 @@ async def discard(storage: Storage, keys: list[str]) -> None:
         log.warning("could not remove %d object(s) of a failed save: %s", len(keys), exc)
 
 
-ReadNode = Callable[[str], Awaitable[tuple[dict[str, Any], int]]]
+T = TypeVar("T")
 
 
 async def read_nodes(
-    what: str, nodes: Iterable[str], read_node: ReadNode, max_nodes: int
-) -> tuple[dict[str, dict[str, Any]], dict[str, NodeStats]]:
+    what: str, nodes: Iterable[str], read_node: Callable[[str], Awaitable[tuple[T, int]]], max_nodes: int
+) -> tuple[dict[str, T], dict[str, NodeStats]]:
     """Run ``read_node`` (returning a node's values and the bytes it read) for every
     node, concurrently: every node's values and stats, or one error naming every
     failed node (``what`` says what failed)."""
 
-    async def timed(node: str) -> tuple[dict[str, Any], NodeStats]:
+    async def timed(node: str) -> tuple[T, NodeStats]:
         started = time.perf_counter()
         with collect_request_stats() as counted:
             values, nbytes = await read_node(node)
@@ -126,47 +126,6 @@ async def read_nodes(
     if failures:
         raise combine_node_failures(what, failures)
     return {n: values for n, (values, _) in results.items()}, {n: stats for n, (_, stats) in results.items()}
-
-
-async def load_whole(
-    storage: Storage, config: TransferConfig, index: EpochIndex, nodes: Sequence[str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, NodeStats]]:
-    """Every blob of every one of ``nodes``, verified, and per-node stats; one error
-    naming every failed node otherwise."""
-
-    async def read_node(node: str) -> tuple[dict[str, Any], int]:
-        record = index.nodes[node]
-        return await ShardReader(storage, node, record, config).read_all(), record.size + record.stats.reused_bytes
-
-    return await read_nodes(f"load of epoch {index.epoch}", nodes, read_node, config.max_nodes_in_flight)
-
-
-async def load_partial(
-    storage: Storage, config: TransferConfig, index: EpochIndex, nodes: Sequence[str], names: Sequence[str]
-) -> tuple[dict[str, Any], dict[str, NodeStats]] | None:
-    """The named blobs of ``nodes`` (see :func:`plan_partial_load`), keyed as named, and
-    per-node stats; ``None`` when a node's shard object is missing. Each shard's size is
-    checked (HEAD) and its blob index read from its tail before any blob is fetched."""
-    readers = {node: ShardReader(storage, node, index.nodes[node], config) for node in nodes}
-
-    async def blob_index(reader: ShardReader) -> dict[str, BlobEntry]:
-        await reader.check_size()
-        return await reader.read_index()
-
-    try:
-        found = await run_all((blob_index(reader) for reader in readers.values()), config.max_concurrency)
-    except CheckpointNotFoundError:
-        return None
-    blobs = dict(zip(readers, found))
-    plan = plan_partial_load(blobs, nodes, names)
-
-    async def read_node(node: str) -> tuple[dict[str, Any], int]:
-        wanted = {blob: blobs[node][blob] for blob in plan[node]}
-        return await readers[node].read_blobs(wanted), sum(entry.length for entry in wanted.values())
-
-    what = f"partial load of epoch {index.epoch}"
-    values, stats = await read_nodes(what, plan, read_node, config.max_nodes_in_flight)
-    return {plan[node][blob]: value for node, got in values.items() for blob, value in got.items()}, stats
 
 
 def plan_partial_load(

@@ -16,7 +16,8 @@ Commands: ``demo`` (a simulated job that crashes and resumes), ``ls`` (the commi
 epochs of a location), ``show`` (the nodes and blobs of one epoch), ``verify`` (read
 every byte, check every CRC32C), ``rm`` (delete epochs), ``prune`` (delete what
 retention rules do not keep), ``gc`` (remove what interrupted saves left behind) and
-``bench`` (asyncckpt against bare aioboto3 and s3transfer on a local S3 server). Every
+``bench`` (asyncckpt against bare aioboto3 and s3transfer on a local S3 server; with
+``--peers`` against torch.save, PyTorch DCP, s3torchconnector and torchsnapshot too). Every
 command that reads a location takes ``--json``: one JSON document on stdout.
 """
 

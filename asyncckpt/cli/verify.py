@@ -180,7 +180,7 @@ async def _verify(
             return VerifyResult([], 0, damaged.damage)
         manifests = [manifest for manifest, _ in plan]
         shards = [(manifest.epoch, record) for manifest, index in plan for record in index.nodes.values()]
-        total = sum(record.size + record.stats.reused_bytes for _, record in shards)
+        total = sum(record.load_bytes for _, record in shards)
         checked: list[int] = []  # the sizes of the shards found intact
         try:
             with reporting(_progress_bar(progress, f"verifying {count(len(manifests), 'epoch')}", total), total):
@@ -243,7 +243,7 @@ async def _check_shard(
         await ShardReader(storage, record.node, record, config).read_all()
     except (CheckpointCorruptedError, CheckpointNotFoundError) as exc:
         raise _Damaged(Damage.of(epoch, exc, node=record.node, url=_object_of(storage, record, exc))) from None
-    checked.append(record.size + record.stats.reused_bytes)
+    checked.append(record.load_bytes)
 
 
 def _object_of(storage: Storage, record: NodeRecord, exc: Exception) -> str:

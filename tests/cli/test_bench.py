@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from click.testing import CliRunner
 
 from asyncckpt.cli.bench import OPS
 from asyncckpt.cli.bench import bench as bench_command
+from asyncckpt.cli.bench._peers import PEER_OPS
+from asyncckpt.cli.bench._peers_report import add_peer_ratios, evaluate_peer_targets
 
 RATIO_FIELDS = ("wall_vs_aio", "wall_vs_s3t", "cpu_vs_aio", "cpu_vs_s3t")
 
@@ -111,3 +114,94 @@ def test_incremental_bench_measures_both_saves_and_their_ratios(tmp_path: Path):
         "second save wall <= 0.25x the first",
     ]
     assert "second/first: bytes" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_peers_bench_runs_the_installed_peers_on_moto_and_skips_the_others_with_the_reason(tmp_path: Path):
+    out = tmp_path / "peers.json"
+    args = ["--peers", "--servers", "moto", "--size", "4", "--nodes", "2", "--blobs-per-node", "2", "--reps", "1"]
+
+    result = CliRunner().invoke(bench_command, [*args, "--json", str(out), "--budget-s", "100"], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert "issue 12 targets" in result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["servers"] == ["moto"] and data["meta"]["state_bytes"] == 4 << 20
+    moto = data["servers"]["moto"]
+    assert moto["status"] == "ok" and moto["meta"]["reps_done"] == 1
+    rows = moto["rows"]
+    assert set(rows) == set(PEER_OPS)
+    # always there: bare aioboto3, s3transfer, asyncckpt on numpy state, torch.save (torch is in the test extra)
+    for name in ("memcpy", "aio_save", "aio_load", "s3t_save", "s3t_load", "torchsave_save", "torchsave_load"):
+        assert rows[name]["n"] == 1 and rows[name]["wall_s"] > 0, (name, rows[name])
+    for name in ("ckpt_save", "ckpt_load", "ckpt_save_async"):
+        assert rows[name]["n"] == 1 and rows[name]["cpu_s"] >= 0 and rows[name]["rss_delta_mib"] is not None, name
+    assert rows["torchsave_save"]["requests"] == 1 and rows["torchsave_load"]["requests"] == 1  # one PUT, one GET
+    assert rows["ckpt_save_async"]["blocking_s"] <= rows["ckpt_save_async"]["wall_s"]
+    loads = [r for r in moto["runs"] if PEER_OPS[r["op"]].kind == "load" and r["status"] == "ok"]
+    assert {r["op"] for r in loads} >= {"aio_load", "s3t_load", "torchsave_load", "ckpt_load"}
+    assert all(r["verified"] for r in loads), loads
+    # a peer that is not installed here, or an asyncckpt feature this version lacks, says why
+    for name, row in rows.items():
+        if row["n"] == 0:
+            assert row["status"] in ("skipped", "unavailable") and row["reason"], (name, row)
+    for module, op in (("s3fs", "dcp_save"), ("s3torchconnector", "s3tc_save"), ("torchsnapshot", "tsnap_save")):
+        if importlib.util.find_spec(module) is None:
+            assert rows[op]["status"] == "skipped" and module in rows[op]["reason"], rows[op]
+    # ratios: every measured save/load row against the fastest and the leanest peer
+    references = moto["references"]
+    for kind in ("save", "load"):
+        fastest = rows[references[kind]["fastest"]]
+        assert PEER_OPS[fastest["op"]].peer not in ("ckpt", "ckpt_torch", "ckpt_dcp", "memcpy")
+        assert fastest["wall_x_fastest"] == pytest.approx(1.0)
+        assert rows[f"ckpt_{kind}"]["wall_x_fastest"] >= 0 and rows[f"ckpt_{kind}"]["cpu_x_leanest"] >= 0
+    targets = data["targets"]
+    assert len(targets) == 16 and {t["state"] for t in targets} == {"numpy", "torch"}
+    numpy_targets = {t["target"]: t for t in targets if t["state"] == "numpy"}
+    for name in ("save wall <= 0.8x fastest peer", "save client CPU <= 0.6x leanest peer", "save extra RSS <= 64 MiB"):
+        assert numpy_targets[name]["met"] in (True, False), numpy_targets[name]
+    assert "**moto**" in data["markdown"] and "| asyncckpt save | numpy | 1 |" in data["markdown"]
+
+
+def _row(op: str, wall: float, cpu: float, rss: float, **extra: float) -> dict[str, object]:
+    spec = PEER_OPS[op]
+    return {"op": op, "kind": spec.kind, "n": 1, "wall_s": wall, "cpu_s": cpu, "rss_delta_mib": rss, **extra}
+
+
+@pytest.mark.parametrize(("server", "load_limit"), [("moto", 1.0), ("localbucket", 0.8)])
+def test_peer_ratios_compare_against_other_libraries_only_and_targets_follow_the_issue(server: str, load_limit: float):
+    rows = {
+        r["op"]: r
+        for r in (
+            _row("memcpy", 0.01, 0.01, 1, warm_copyto_s=0.04),  # a reference, never the fastest peer
+            _row("torchsave_save", 2.0, 0.7, 194),
+            _row("s3tc_save", 2.5, 0.5, 135),
+            _row("dcp_async_save", 3.0, 1.5, 600, blocking_s=0.2),
+            _row("torchsave_load", 0.5, 0.48, 386),
+            _row("dcp_load", 1.0, 1.0, 300),
+            _row("ckpt_save", 1.0, 0.3, 60),  # asyncckpt: compared, never the peer to beat
+            _row("ckpt_load", 0.45, 0.5, 195),
+            _row("ckpt_save_async", 1.2, 0.4, 300, blocking_s=0.05, second_blocking_s=0.08),
+        )
+    }
+
+    references = add_peer_ratios(rows)
+    targets = evaluate_peer_targets(rows, references, server)
+
+    assert references["save"]["fastest"] == "torchsave_save" and references["save"]["leanest_cpu"] == "s3tc_save"
+    assert references["save"]["leanest_rss"] == "s3tc_save" and references["load"]["leanest_rss"] == "dcp_load"
+    assert rows["ckpt_save"]["wall_x_fastest"] == pytest.approx(0.5)
+    assert rows["ckpt_save"]["cpu_x_leanest"] == pytest.approx(0.6)
+    assert rows["ckpt_load"]["wall_x_fastest"] == pytest.approx(0.9)
+    numpy = {t["target"]: t for t in targets if t["state"] == "numpy"}
+    torch = {t["target"]: t for t in targets if t["state"] == "torch"}
+    assert numpy["save wall <= 0.8x fastest peer"]["met"] is True
+    assert numpy["save client CPU <= 0.6x leanest peer"]["met"] is True  # 0.6 is within the limit
+    load = numpy["load wall <= 0.8x fastest peer (moto: 1.0x)"]
+    assert load["limit"] == load_limit and load["met"] is (0.9 <= load_limit)
+    assert numpy["save extra RSS <= 64 MiB"]["met"] is True
+    assert numpy["save_async blocking <= 0.5x DCP async_save's"]["measured"] == pytest.approx(0.25)
+    assert numpy["2nd save_async blocking <= 1.5x a warm copy"]["measured"] == pytest.approx(2.0)
+    assert numpy["2nd save_async blocking <= 1.5x a warm copy"]["met"] is False
+    assert numpy["in-place load extra RSS <= 32 MiB"]["met"] is None  # not measured: neither met nor missed
+    assert all(t["met"] is None for t in torch.values())

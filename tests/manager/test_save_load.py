@@ -129,7 +129,7 @@ async def test_a_bad_epoch_is_refused_before_anything_is_written(location: Any, 
     assert await raw_storages.stored_keys(location) == []
 
 
-UNSUPPORTED_BLOBS: list[Any] = [object(), {1, 2}, {1: "a"}, [1, 2, object()]]
+UNSUPPORTED_BLOBS: list[Any] = [object(), {1, 2}, {1.5: "a"}, {True: "a"}, [1, 2, object()]]
 
 
 async def test_an_unsupported_blob_raises_type_error_naming_node_and_blob_and_writes_nothing(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections import OrderedDict
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import xxhash
@@ -374,13 +376,40 @@ def test_unsupported_nested_value_is_type_error_naming_its_path(value: Any, type
     assert type_name in message
 
 
-def test_dict_with_non_str_key_is_type_error_naming_the_key_path() -> None:
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [(1.5, "1.5"), (True, "True"), (None, "None"), ((1, 2), "(1, 2)"), (np.int64(7), "np.int64(7)"), (b"k", "b'k'")],
+    ids=["float", "bool", "None", "tuple", "numpy-int", "bytes"],
+)
+def test_dict_with_key_neither_str_nor_int_is_type_error_naming_the_key_path(key: Any, shown: str) -> None:
     with pytest.raises(TypeError) as info:
-        codec.encode_blobs(NODE, {"cfg": {"ok": {7: "seven"}}})
+        codec.encode_blobs(NODE, {"cfg": {"ok": {key: "seven"}}})
     message = str(info.value)
     assert f"node {NODE!r}" in message
-    assert "cfg['ok'][7]" in message
+    assert f"cfg['ok'][{shown}]" in message
     assert "dict key" in message
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        {0: "zero", -1: "minus one", 2**63 - 1: "max", -(2**63): "min", 2**64 - 1: "umax"},
+        {2**64: "big", -(2**64) - 5: "negative big", 10**40: {1: (2, {3: None})}},
+        {"lr": 0.1, 7: "seven", "7": "str seven"},  # 7 and "7" stay apart
+        {"state": {0: {"step": 3}, 1: {"step": 4}}, "param_groups": [{"params": [0, 1], "betas": (0.9, 0.99)}]},
+    ],
+    ids=["int-keys", "big-int-keys", "mixed-keys", "optimizer-shaped"],
+)
+def test_dict_with_int_keys_round_trips_keeping_key_types_and_order(original: dict[Any, Any]) -> None:
+    decoded = round_trip(original)
+    assert_same(decoded, original)
+    assert [type(k) for k in decoded] == [type(k) for k in original]
+
+
+def test_ordered_dict_comes_back_as_a_dict_in_the_same_order() -> None:
+    original = OrderedDict([("z", 1), ("a", np.arange(3)), ("m", 2)])
+    decoded = round_trip(original)
+    assert_same(decoded, dict(original))
 
 
 def test_cyclic_list_is_type_error_not_recursion_error() -> None:
@@ -565,16 +594,24 @@ def test_crc32c_combine_doubles_a_run_of_zeros_up_to_a_mebibyte() -> None:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def test_a_fingerprint_is_the_crc32c_and_xxh3_128_of_the_buffers_in_order() -> None:
+def test_a_fingerprint_is_each_buffers_crc32c_and_the_xxh3_128_of_all_in_order() -> None:
     parts = [memoryview(np.arange(n, dtype=np.uint8).tobytes()) for n in (0, 1, 300_000, 17)]
     whole = b"".join(bytes(p) for p in parts)
-    assert codec.fingerprint(parts) == (codec.checksum(whole), xxhash.xxh3_128(whole).digest())
+    crcs, digest = codec.fingerprint(parts)
+    assert crcs == [codec.checksum(p) for p in parts] and digest == xxhash.xxh3_128(whole).digest()
+    assert codec.combine_checksums(crcs, [p.nbytes for p in parts]) == codec.checksum(whole)
 
 
-def test_an_entry_with_a_digest_and_a_pointer_round_trips() -> None:
-    blob = codec.encode_blob("w", np.ones((4, 5), dtype=np.float32))
-    entry = blob.entry(96, 7, b"\x01" * 16, 2)
-    assert BlobEntry.from_json(blob.entry_json(96, 7, b"\x01" * 16, 2), "w") == entry
+@pytest.mark.parametrize(
+    "value",
+    [np.ones((4, 5), dtype=np.float32), {"w": np.ones(2048, dtype=np.float32), "step": 3}, b"abc"],
+    ids=["ndarray", "tree", "bytes"],
+)
+def test_an_entry_with_a_digest_and_a_pointer_round_trips(value: Any) -> None:
+    blob = codec.encode_blob("w", value)
+    entry = blob.entry(96, 7, None, b"\x01" * 16, 2)
+    assert (entry.xxh3, entry.ref) == (b"\x01" * 16, 2)
+    assert BlobEntry.from_json(blob.entry_json(96, 7, None, b"\x01" * 16, 2), "w") == entry
     assert BlobEntry.from_json(entry.to_json(), "w") == entry
 
 
@@ -583,3 +620,26 @@ def test_a_malformed_digest_or_pointer_is_corrupted_error(fields: dict[str, Any]
     raw = {**codec.encode_blob("w", b"abc").entry_json(0, 1), **fields}
     with pytest.raises(CheckpointCorruptedError, match="blob index entry"):
         BlobEntry.from_json(raw, "w")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_header_of_a_readable_format_version_parses(version: int) -> None:
+    body = msgpack.packb({"format": "asyncckpt-shard", "version": version, "node": NODE})
+    header = codec.parse_header(b"ACKPTSH1" + len(body).to_bytes(4, "little") + body, "shard")
+    assert header["version"] == version
+
+
+def test_header_of_a_future_format_version_is_corrupted_error() -> None:
+    body = msgpack.packb({"format": "asyncckpt-shard", "version": codec.FORMAT_VERSION + 1, "node": NODE})
+    with pytest.raises(CheckpointCorruptedError, match="unsupported shard format version"):
+        codec.parse_header(b"ACKPTSH1" + len(body).to_bytes(4, "little") + body, "shard")
+
+
+def test_format_1_blob_bytes_still_decode() -> None:
+    # a version 1 writer's msgpack payload (arrays as NDARRAY with four fields, str keys)
+    legacy = msgpack.packb(
+        {"w": msgpack.ExtType(1, msgpack.packb(["<f4", [2], "C", np.arange(2, dtype="<f4").tobytes()]))}
+    )
+    entry = BlobEntry.from_json({"offset": 0, "length": len(legacy), "encoding": "msgpack", "crc32c": 0}, "b")
+    decoded = codec.decode_blob(entry, memoryview(legacy), "b", verify=False)
+    assert_same(decoded, {"w": np.arange(2, dtype="<f4")})

@@ -36,6 +36,16 @@ are skipped and what was done is reported.
 The server gets glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` tunables
 (``env_lab.md`` section 4.6); the clients run with default glibc settings. Loopback only.
 
+``--peers`` runs the benchmark against asyncckpt's peers instead (:mod:`._peers_run`),
+with the same method and meters, on moto and on localbucket: torch.save + one PUT / GET +
+torch.load, PyTorch DCP over s3fs (save, async_save, load), s3torchconnector
+(``S3Checkpoint`` and its DCP writer/reader), torchsnapshot, bare aioboto3, s3transfer and
+asyncckpt (save, save_async, load, in-place load and the ``asyncckpt.dcp`` plugin, on numpy
+state and on the same bytes as torch tensors), with ratios to the fastest and the leanest
+peer and issue 12's targets. The peers are not dependencies of asyncckpt: ``make
+bench-peers`` installs them into ``.venv-peers``; elsewhere the ones not installed are
+skipped with the reason.
+
 ``--scale`` runs another benchmark instead (:mod:`._scale`): what the commit record,
 resume, multi-process commits, partial loads and the memory of a save cost as nodes,
 blobs and processes grow, with issue 9's targets. ``--incremental`` runs another
@@ -44,7 +54,10 @@ frozen, with issue 13's targets.
 
 Modules: ``_state`` (ops, the state, settings), ``_ops`` (the measured operations),
 ``_child`` (a measurement's process), ``_meters`` (``/proc`` and log readings), ``_run``
-(the driver), ``_report`` (medians, ratios, targets, the table); ``_scale`` (the scale
+(the driver), ``_report`` (medians, ratios, targets, the table); ``_peers`` (the peers'
+ops and what each needs), ``_peer_ops`` (their measured operations), ``_servers`` (moto and
+localbucket), ``_peers_run`` (their driver), ``_peers_report`` (ratios to the fastest and
+leanest peer, issue 12's targets, the tables); ``_scale`` (the scale
 benchmark's driver), ``_scale_ops`` (its measured operations and their process),
 ``_scale_log`` (the server's log, request by request), ``_scale_report`` (its targets
 and tables).
@@ -58,7 +71,7 @@ import click
 
 from .. import EXIT_ERROR, EXIT_OK, fail, run_coroutine
 from ._scale_sizes import DEFAULT_SCALE_BUDGET_S, DEFAULT_SCALE_OP_TIMEOUT_S
-from ._state import DEFAULT_BUDGET_S, DEFAULT_OP_TIMEOUT_S, OPS
+from ._state import DEFAULT_BUDGET_S, DEFAULT_OP_TIMEOUT_S, DEFAULT_PEERS_BUDGET_S, OPS, BenchParams
 
 __all__ = ["OPS", "bench"]
 
@@ -66,9 +79,10 @@ __all__ = ["OPS", "bench"]
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--state-mib",
+    "--size",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="State size in MiB.  [default: 192; --quick: 32]",
+    help="State size in MiB (the same bytes for every peer).  [default: 192; --quick: 32]",
 )
 @click.option("--nodes", type=click.IntRange(min=1), default=4, show_default=True, help="Simulated nodes.")
 @click.option(
@@ -105,6 +119,22 @@ __all__ = ["OPS", "bench"]
     help="Run the incremental-save benchmark instead: 10 arrays, 9 frozen; the first vs the second save's wall "
     "time and bytes uploaded (and the second without incremental, and with every array changed). "
     "Only --state-mib, --reps, --quick and --json apply to it.",
+)
+@click.option(
+    "--peers",
+    is_flag=True,
+    help="Run the peers benchmark instead: torch.save + one PUT, DCP over s3fs (save, async_save, load), "
+    "s3torchconnector (S3Checkpoint, DCP writer/reader), torchsnapshot, bare aioboto3, s3transfer and asyncckpt "
+    "(save, save_async, load, in-place load, the DCP plugin; numpy state and torch tensors) on each of --servers; "
+    "ratios to the fastest and the leanest peer and issue 12's targets. Peers that are not installed are skipped "
+    "with the reason (`make bench-peers` installs them into .venv-peers). Applies --state-mib/--size, --nodes, "
+    "--blobs-per-node, --reps, --json, --quick, --budget-s and --op-timeout-s.",
+)
+@click.option(
+    "--servers",
+    default="moto,localbucket",
+    show_default=True,
+    help="With --peers: the S3 servers to run on, in order, comma-separated (moto, localbucket), each on 127.0.0.1.",
 )
 @click.option(
     "--part-size-mib",
@@ -148,7 +178,7 @@ __all__ = ["OPS", "bench"]
     type=click.FloatRange(min=1),
     default=None,
     help=f"Total time budget; past it the remaining measurements are skipped.  [default: {DEFAULT_BUDGET_S:g}; "
-    f"--scale: {DEFAULT_SCALE_BUDGET_S:g}]",
+    f"--scale: {DEFAULT_SCALE_BUDGET_S:g}; --peers: {DEFAULT_PEERS_BUDGET_S:g}, shared evenly by the servers]",
 )
 @click.option(
     "--op-timeout-s",
@@ -166,6 +196,8 @@ def bench(
     quick: bool,
     scale: bool,
     incremental: bool,
+    peers: bool,
+    servers: str,
     part_size_mib: float | None,
     range_size_mib: float | None,
     max_concurrency: int | None,
@@ -191,6 +223,17 @@ def bench(
         return
     if incremental:
         _bench_incremental(state_mib or (32 if quick else 192), reps or (1 if quick else 3), json_path)
+        return
+    if peers:
+        params = BenchParams(
+            state_mib=(32 if quick else 192) if state_mib is None else state_mib,
+            nodes=nodes,
+            blobs_per_node=blobs_per_node,
+            reps=(1 if quick else 3) if reps is None else reps,
+            budget_s=DEFAULT_PEERS_BUDGET_S if budget_s is None else budget_s,
+            op_timeout_s=DEFAULT_OP_TIMEOUT_S if op_timeout_s is None else op_timeout_s,
+        )
+        _bench_peers(params, [s.strip() for s in servers.split(",") if s.strip()], json_path)
         return
     from ._run import run_bench  # the driver and its report: loaded when the command runs
 
@@ -236,6 +279,23 @@ def _bench_incremental(state_mib: float, reps: int, json_path: Path | None) -> N
     except (RuntimeError, ValueError, OSError) as exc:
         fail(exc)
     raise SystemExit(EXIT_OK)
+
+
+def _bench_peers(params: BenchParams, servers: list[str], json_path: Path | None) -> None:
+    """``bench --peers``: run :func:`~._peers_run.run_peers`; exit 0 when asyncckpt and a peer ran on some server."""
+    from rich.console import Console
+
+    from ._peers_run import run_peers  # loaded when the command runs
+
+    console = Console(width=max(Console().width, 120))
+    try:
+        result = run_coroutine(run_peers(servers=servers, params=params, out_json=json_path, console=console))
+    except (RuntimeError, ValueError, OSError) as exc:
+        fail(exc)
+    ran = any(
+        row.get("n") for part in result["servers"].values() if part["status"] == "ok" for row in part["rows"].values()
+    )
+    raise SystemExit(EXIT_OK if ran else EXIT_ERROR)
 
 
 def _bench_scale(quick: bool, json_path: Path | None, budget_s: float | None, op_timeout_s: float | None) -> None:

@@ -34,7 +34,16 @@ if TYPE_CHECKING:
     from s3transfer.manager import TransferManager
     from types_aiobotocore_s3.client import S3Client
 
-__all__ = ["CHILD_OPS", "ChildContext", "ConcatReader"]
+__all__ = [
+    "CHILD_OPS",
+    "ChildContext",
+    "ConcatReader",
+    "as_numpy",
+    "ckpt_load",
+    "ckpt_save",
+    "ckpt_save_async",
+    "verify_state",
+]
 
 
 class ConcatReader(io.RawIOBase):
@@ -313,7 +322,11 @@ def op_s3t_load(ctx: ChildContext) -> dict[str, Any]:
 
 
 async def op_ckpt_save(ctx: ChildContext) -> dict[str, Any]:
-    state = build_state(ctx.layout)
+    return await ckpt_save(ctx, build_state(ctx.layout))
+
+
+async def ckpt_save(ctx: ChildContext, state: Mapping[str, Any]) -> dict[str, Any]:
+    """asyncckpt's ``save`` of ``state`` (the workspaces), timed."""
     config = ctx.params.transfer_config()
     async with MultiNodeCheckpointManager(ctx.location(), storage_options=ctx.storage_options(), config=config) as mgr:
         await mgr.init(state)
@@ -325,21 +338,45 @@ async def op_ckpt_save(ctx: ChildContext) -> dict[str, Any]:
 
 
 async def op_ckpt_load(ctx: ChildContext) -> dict[str, Any]:
+    return await ckpt_load(ctx, None)
+
+
+async def ckpt_load(ctx: ChildContext, targets: Mapping[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """asyncckpt's ``load``, timed: into new workspaces, or into ``targets`` (workspaces that
+    already hold arrays or tensors of the saved shapes). The loaded values are verified
+    (torch tensors through their numpy view); ``in_place`` says whether every loaded array
+    is the object the workspace held before."""
     config = ctx.params.transfer_config()
+    before = {(n, k): v for n, ws in (targets or {}).items() for k, v in ws.items() if hasattr(v, "shape")}
     async with MultiNodeCheckpointManager(ctx.location(), storage_options=ctx.storage_options(), config=config) as mgr:
-        await mgr.init(ctx.nodes)
+        await mgr.init(targets if targets is not None else ctx.nodes)
         ctx.meter.start()
         await mgr.load(EPOCH)
         ctx.meter.stop()
         report = await mgr.report_checkpoint_stats("checkpoint_load")
-        state = {node: mgr.workspace(node) for node in ctx.nodes}
-        problem = _verify(state, ctx.expected(), ctx.layout) or _verify_scalars(state, ctx.nodes)
+        state = {node: dict(mgr.workspace(node)) for node in ctx.nodes}
+    in_place = all(state[n].get(k) is v for (n, k), v in before.items()) if before else None
+    problem = verify_state(ctx, as_numpy(state))
     return {
         "bytes": ctx.state_bytes,
         "verified": problem is None,
         "problem": problem,
+        "in_place": in_place,
         "report": _short_report(report),
     }
+
+
+def as_numpy(state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``state`` with every torch tensor replaced by its numpy view (no copy for CPU tensors)."""
+    return {
+        node: {k: (v.numpy() if type(v).__module__.startswith("torch") else v) for k, v in ws.items()}
+        for node, ws in state.items()
+    }
+
+
+def verify_state(ctx: ChildContext, state: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """``None`` when ``state`` (numpy arrays) holds every blob and scalar of the generated state."""
+    return _verify(state, ctx.expected(), ctx.layout) or _verify_scalars(state, ctx.nodes)
 
 
 async def op_ckpt_partial(ctx: ChildContext) -> dict[str, Any]:
@@ -374,7 +411,12 @@ async def op_ckpt_partial(ctx: ChildContext) -> dict[str, Any]:
 
 
 async def op_ckpt_save_async(ctx: ChildContext) -> dict[str, Any]:
-    state = build_state(ctx.layout)
+    return await ckpt_save_async(ctx, build_state(ctx.layout))
+
+
+async def ckpt_save_async(ctx: ChildContext, state: Mapping[str, Any]) -> dict[str, Any]:
+    """asyncckpt's ``save_async`` of ``state``: the lap ``blocking`` until it returns, the
+    op until the commit; then a second one in the same process, timed on its own."""
     config = ctx.params.transfer_config()
     async with MultiNodeCheckpointManager(ctx.location(), storage_options=ctx.storage_options(), config=config) as mgr:
         await mgr.init(state)

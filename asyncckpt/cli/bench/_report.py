@@ -13,7 +13,7 @@ from rich.table import Table
 
 from asyncckpt import MiB
 
-from ._state import OPS
+from ._state import OPS, OpSpec
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -37,10 +37,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def summarize(runs: Sequence[Mapping[str, Any]], state_bytes: int) -> dict[str, dict[str, Any]]:
-    """Per op: medians over the successful runs (and min/max wall)."""
+def summarize(
+    runs: Sequence[Mapping[str, Any]], state_bytes: int, ops: Mapping[str, OpSpec] = OPS
+) -> dict[str, dict[str, Any]]:
+    """Per op of ``ops``: medians over the successful runs (and min/max wall)."""
     rows: dict[str, dict[str, Any]] = {}
-    for name, spec in OPS.items():
+    for name, spec in ops.items():
         mine = [r for r in runs if r.get("op") == name]
         ok = [r for r in mine if r.get("status") == "ok"]
         row: dict[str, Any] = {
@@ -48,6 +50,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], state_bytes: int) -> dict[str, 
             "label": spec.label,
             "peer": spec.peer,
             "kind": spec.kind,
+            "state": spec.state,
             "n": len(ok),
             "attempts": len(mine),
             "status": "ok" if ok else (mine[-1].get("status", "missing") if mine else "not run"),
@@ -81,12 +84,15 @@ def summarize(runs: Sequence[Mapping[str, Any]], state_bytes: int) -> dict[str, 
         )
         if name == "memcpy":
             row["warm_copyto_s"] = median([r.get("warm_copyto_s") for r in ok])
-        if name == "ckpt_save_async":
-            blocking = [r["laps"]["blocking"] for r in ok if "blocking" in r.get("laps", {})]
+        blocking = [r["laps"]["blocking"] for r in ok if "blocking" in r.get("laps", {})]
+        if blocking:  # save_async, DCP async_save: until the call returned
             row["blocking_s"] = median([b["wall_s"] for b in blocking])
             row["blocking_cpu_s"] = median([b["cpu_s"] for b in blocking])
+        if any(r.get("second_blocking_s") is not None for r in ok):
             row["second_blocking_s"] = median([r.get("second_blocking_s") for r in ok])
             row["second_total_s"] = median([r.get("second_total_s") for r in ok])
+        if any(r.get("in_place") is not None for r in ok):
+            row["in_place"] = all(r.get("in_place") for r in ok)
         if name in ("ckpt_load", "ckpt_partial"):
             row["received_bytes"] = median([r.get("received_bytes") for r in ok])
         if name == "ckpt_partial":

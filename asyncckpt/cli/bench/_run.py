@@ -21,8 +21,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,15 @@ from ._state import (
     BUCKET,
     DEFAULT_BUDGET_S,
     DEFAULT_OP_TIMEOUT_S,
-    GROUP_ORDER,
     GROUPS,
     OPS,
     BenchParams,
     ChildJob,
+    OpSpec,
     partial_selection,
 )
 
-__all__ = ["run_bench"]
+__all__ = ["Plan", "clean_env", "machine_info", "measure", "progress_line", "run_bench", "run_child", "versions"]
 
 CHILD_MODULE = "asyncckpt.cli.bench._child"
 SERVER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
@@ -178,8 +178,8 @@ async def run_bench(
         "op_timeout_s": op_timeout_s,
         "params": asdict(params),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_wall)),
-        "machine": _machine_info(),
-        "versions": _versions(),
+        "machine": machine_info(),
+        "versions": versions(),
     }
     workdir = Path(tempfile.mkdtemp(prefix="asyncckpt-bench-"))
     server_tmp = workdir / "moto-tmp"
@@ -196,7 +196,8 @@ async def run_bench(
             console.print(
                 f"moto_server pid {s3.pid} on {s3.endpoint_url}; state {state_bytes / MiB:.1f} MiB", highlight=False
             )
-            runs, reps_done, aborted = await _measure(s3, admin, params, selected, workdir, t_start, meta, console)
+            plan = Plan(OPS, GROUPS, lambda prefix: empty_bucket(admin, BUCKET, prefix))
+            runs, reps_done, aborted = await measure(s3, params, plan, selected, workdir, t_start, meta, console)
         meta["server_rss_mib_end"] = process_rss_mib(s3.pid)
     finally:
         await asyncio.to_thread(s3.stop)
@@ -231,23 +232,42 @@ async def run_bench(
     return result
 
 
-async def _measure(
-    s3: SubprocessS3Server,
-    admin: Any,
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`measure` runs: the ops, their groups (in the order of the first
+    repetition), how a group's objects are deleted afterwards, and the groups not run,
+    with their status (``skipped``, ``unavailable``) and why."""
+
+    ops: Mapping[str, OpSpec]
+    groups: Mapping[str, Sequence[str]]
+    clear: Callable[[str], Awaitable[None]]
+    skipped_groups: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+async def measure(
+    server: Any,
     params: BenchParams,
+    plan: Plan,
     selected: Sequence[str],
     workdir: Path,
     t_start: float,
     meta: dict[str, Any],
     console: Console,
 ) -> tuple[list[dict[str, Any]], int, str | None]:
-    """Build the digests, then run every selected op ``params.reps`` times, the groups
-    interleaved and the order rotated every repetition; returns (every run, repetitions
-    done, why it stopped early or None)."""
+    """Build the digests, then run every selected op ``params.reps`` times on ``server``
+    (its ``endpoint_url``, ``pid`` and ``log_path``), the groups interleaved and the order
+    rotated every repetition; returns (every run, repetitions done, why it stopped early
+    or None).
+
+    A group of ``plan.skipped_groups``, and an op that once answered ``unavailable``, is
+    not started (again): its runs carry the status and the reason. The loads of a group
+    whose save did not succeed are skipped too."""
     expected = workdir / "expected.json"
 
     def job(op: str, prefix: str) -> ChildJob:
-        return ChildJob(op, prefix, s3.endpoint_url, str(expected), s3.pid, str(s3.log_path), BUCKET, params)
+        return ChildJob(
+            op, prefix, server.endpoint_url, str(expected), server.pid, str(server.log_path), BUCKET, params
+        )
 
     prep = await run_child(job("prep", "prep"), max(params.op_timeout_s, 60))
     if prep.get("status") != "ok":
@@ -255,35 +275,46 @@ async def _measure(
     meta["build_state_s"] = prep.get("build_state_s")
     meta["ckpt_config"] = None
     runs: list[dict[str, Any]] = []
+    unavailable: dict[str, str] = {}
     aborted: str | None = None
+    order_0 = list(plan.groups)
     reps, reps_done = params.reps, 0
     for rep in range(reps):
-        order = GROUP_ORDER[rep % len(GROUP_ORDER) :] + GROUP_ORDER[: rep % len(GROUP_ORDER)]
+        order = order_0[rep % len(order_0) :] + order_0[: rep % len(order_0)]
         for group in order:
-            group_ops = [o for o in GROUPS[group] if o in selected]
+            group_ops = [o for o in plan.groups[group] if o in selected]
             if not group_ops:
                 continue
+            if group in plan.skipped_groups:
+                status, reason = plan.skipped_groups[group]
+                runs += [{"op": o, "rep": rep, "status": status, "reason": reason} for o in group_ops]
+                continue
             prefix = f"r{rep}-{group}"
-            failed_write = False
+            failed_write: str | None = None
             for op in group_ops:
                 remaining = params.budget_s - (time.monotonic() - t_start)
                 if remaining <= 0:
                     aborted = f"time budget of {params.budget_s:g} s used up during rep {rep + 1}/{reps}"
                     break
-                if failed_write and OPS[op].kind in ("load", "partial"):
-                    runs.append({"op": op, "rep": rep, "status": "skipped", "reason": "its save failed"})
+                if op in unavailable:
+                    runs.append({"op": op, "rep": rep, "status": "unavailable", "reason": unavailable[op]})
+                    continue
+                if failed_write is not None and plan.ops[op].kind in ("load", "partial"):
+                    runs.append({"op": op, "rep": rep, "status": "skipped", "reason": f"its save: {failed_write}"})
                     continue
                 result = await run_child(job(op, prefix), min(params.op_timeout_s, max(remaining, 5.0)))
                 result["rep"] = rep
                 runs.append(result)
-                if OPS[op].kind == "save" and result.get("status") != "ok":
-                    failed_write = True
+                if result.get("status") == "unavailable":
+                    unavailable[op] = result.get("reason") or "unavailable"
+                if plan.ops[op].kind == "save" and result.get("status") != "ok":
+                    failed_write = f"{result.get('status')}: {result.get('reason') or result.get('error')}"
                 if meta["ckpt_config"] is None and result.get("config"):
                     meta["ckpt_config"] = result["config"]
-                console.print(_progress_line(rep, reps, result), highlight=False)
-            if group != "memcpy":  # the server's memory stays flat
+                console.print(progress_line(rep, reps, result), highlight=False)
+            if group != "memcpy":  # the server's memory (or disk) stays flat
                 with contextlib.suppress(Exception):
-                    await empty_bucket(admin, BUCKET, prefix + "/")
+                    await plan.clear(prefix + "/")
             if aborted:
                 break
         if aborted:
@@ -293,7 +324,7 @@ async def _measure(
     return runs, reps_done, aborted
 
 
-def _progress_line(rep: int, reps: int, r: Mapping[str, Any]) -> str:
+def progress_line(rep: int, reps: int, r: Mapping[str, Any]) -> str:
     head = f"rep {rep + 1}/{reps}  {r['op']:<16}"
     if r.get("status") != "ok":
         return f"{head} {r.get('status')}: {r.get('reason') or r.get('error')}"
@@ -307,7 +338,7 @@ def _progress_line(rep: int, reps: int, r: Mapping[str, Any]) -> str:
     )
 
 
-def _machine_info() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -318,11 +349,13 @@ def _machine_info() -> dict[str, Any]:
     return info
 
 
-def _versions() -> dict[str, str]:
+def versions(names: Sequence[str] = ()) -> dict[str, str]:
+    """The installed versions of the benchmark's libraries (and of ``names``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("asyncckpt", "aioboto3", "aiobotocore", "aiohttp", "boto3", "botocore", "s3transfer", "moto", "numpy"):
+    base = ("asyncckpt", "aioboto3", "aiobotocore", "aiohttp", "boto3", "botocore", "s3transfer", "moto", "numpy")
+    for name in (*base, *names):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out

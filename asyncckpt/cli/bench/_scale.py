@@ -46,7 +46,7 @@ from asyncckpt import layout
 from asyncckpt.testing.s3_server import SubprocessS3Server, create_bucket, empty_bucket
 
 from ._report import median
-from ._run import SERVER_MALLOC_ENV, _machine_info, _versions, clean_env
+from ._run import SERVER_MALLOC_ENV, clean_env, machine_info, versions
 from ._scale_log import log_size, read_requests, request_epoch, summarize_requests
 from ._scale_ops import READY, ScaleJob
 from ._scale_report import evaluate_targets, markdown, render
@@ -179,8 +179,8 @@ async def run_scale(
         "budget_s": budget_s,
         "op_timeout_s": op_timeout_s,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": _machine_info(),
-        "versions": _versions(),
+        "machine": machine_info(),
+        "versions": versions(),
     }
     result: dict[str, Any] = {"meta": meta}
     workdir = Path(tempfile.mkdtemp(prefix="asyncckpt-bench-scale-"))

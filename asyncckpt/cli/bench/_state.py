@@ -22,6 +22,7 @@ __all__ = [
     "BUCKET",
     "DEFAULT_BUDGET_S",
     "DEFAULT_OP_TIMEOUT_S",
+    "DEFAULT_PEERS_BUDGET_S",
     "EPOCH",
     "GROUPS",
     "GROUP_ORDER",
@@ -42,6 +43,7 @@ BUCKET = "asyncckpt-bench"
 EPOCH = 1
 SCALARS = {"step": 1000, "lr": 3e-4}
 DEFAULT_BUDGET_S = 900.0
+DEFAULT_PEERS_BUDGET_S = 3600.0
 DEFAULT_OP_TIMEOUT_S = 120.0
 PARTIAL_FRACTION = 0.10
 
@@ -51,10 +53,11 @@ class OpSpec:
     """One measured operation: which peer, and whether it writes or reads."""
 
     name: str
-    peer: str  # memcpy | aio | s3t | ckpt
+    peer: str  # memcpy | aio | s3t | ckpt; --peers adds torchsave, dcp, s3tc, tsnap, ckpt_torch, ckpt_dcp
     kind: str  # copy | save | load | partial
     label: str
     group: str  # ops of a group run in order, on one prefix
+    state: str = "numpy"  # the state the op saves or loads: numpy arrays or the same bytes as torch tensors
 
 
 OPS: dict[str, OpSpec] = {
