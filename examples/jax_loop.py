@@ -118,7 +118,9 @@ async def run(location: str, options: dict[str, Any] | None) -> None:
     for _ in range(EPOCHS):
         train_one_epoch(state)
     arrays, got = (state["params"], state["key"]), (resumed["params"], resumed["key"])
-    same = jax.tree.map(lambda a, b: isinstance(b, jax.Array) and a.dtype == b.dtype and bool((a == b).all()), arrays, got)
+    same = jax.tree.map(
+        lambda a, b: isinstance(b, jax.Array) and a.dtype == b.dtype and bool((a == b).all()), arrays, got
+    )
     if not all(jax.tree.leaves(same)) or resumed["step"] != state["step"]:
         sys.exit("FAIL: the resumed run ended with other parameters than an uninterrupted one")
     print("PASS")
