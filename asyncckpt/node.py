@@ -114,7 +114,9 @@ class ShardWriter:
                         crcs = [await _checksum(view) for view in views]
                     blob_crc = codec.combine_checksums(crcs, [view.nbytes for view in views])
                     leaf_crcs = crcs[1:] if blob.leaves else None
-                    found = prior.reusable(blob, blob_crc, leaf_crcs, xxh3) if prior and xxh3 is not None else None
+                    found = None
+                    if prior is not None and xxh3 is not None:
+                        found = prior.reusable(blob, blob_crc, leaf_crcs, xxh3)
                     if found is not None:  # unchanged: point at the bytes already stored
                         entry, stored_in = found
                         index.add(blob, entry.offset, blob_crc, leaf_crcs, xxh3, refs.setdefault(stored_in, len(refs)))
