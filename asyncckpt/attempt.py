@@ -21,7 +21,7 @@ from .errors import CheckpointError
 from .manifest import EpochIndex, EpochManifest, NodeRecord
 from .staging import Encoded
 from .storage import ByteBudget, Storage
-from .transfer import discard, upload_nodes
+from .transfer import Reuse, discard, upload_nodes
 
 __all__ = ["SaveAttempt", "Staged"]
 
@@ -56,6 +56,7 @@ class SaveAttempt:
     epoch: int
     token: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    reuse: Reuse | None = None  # an incremental save
 
     async def upload(self, encoded: Encoded) -> Staged:
         """Upload; on any failure what this attempt wrote is removed (or, in a job,
@@ -78,7 +79,7 @@ class SaveAttempt:
     async def _alone(self, encoded: Encoded) -> Staged:
         writer_id = layout.solo_writer_id(self.run_id, self.token)
         limit = self.config.max_nodes_in_flight
-        records = await upload_nodes(self.storage, self.budget, self.epoch, writer_id, encoded, limit)
+        records = await upload_nodes(self.storage, self.budget, self.epoch, writer_id, encoded, limit, reuse=self.reuse)
         index = EpochIndex(self.epoch, writer_id, records)
         try:
             return Staged(records, await stage_commit(self.storage, index, self.db_type, self.metrics), decided=False)
@@ -105,7 +106,15 @@ class SaveAttempt:
 
         limit = self.config.max_nodes_in_flight
         records = await upload_nodes(
-            self.storage, self.budget, self.epoch, job.writer_id, encoded, limit, token=self.token, cleanup=give_up
+            self.storage,
+            self.budget,
+            self.epoch,
+            job.writer_id,
+            encoded,
+            limit,
+            token=self.token,
+            cleanup=give_up,
+            reuse=self.reuse,
         )
         # From here on our receipts may be part of a commit: never delete them.
         return Staged(records, await job.agree(records, self.db_type, self.metrics), decided=True)

@@ -37,6 +37,11 @@ contiguously by those arrays' raw bytes (written from the caller's memory, no co
 entry lists each leaf's offset (relative to the blob), length, CRC32C, dtype, shape,
 order and kind. Every entry carries a CRC32C of its whole payload, so one blob can be
 fetched with one ranged GET and verified on its own.
+
+Entries of an incremental save (format 3 records, see :mod:`.manifest`) may carry two
+more fields: ``xxh3``, the 16-byte XXH3-128 digest of the payload (with the CRC32C, what
+the next save compares), and ``ref``, the number of the object in the node's record
+(``NodeRecord.refs``) that holds the payload at ``offset`` instead of this shard.
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ import functools
 import math
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
 
 import crc32c as _crc32c
 import msgpack
 import numpy as np
+import xxhash
 
 from . import arrays
 from .errors import CheckpointCorruptedError, CheckpointError
@@ -67,6 +73,7 @@ __all__ = [
     "ShardIndex",
     "Stage",
     "checksum",
+    "fingerprint",
     "checksum_combine",
     "decode_blob",
     "decode_tree",
@@ -206,6 +213,8 @@ class BlobEntry:
     stateful: bool = False
     skeleton: int | None = None
     leaves: tuple[LeafEntry, ...] = ()
+    xxh3: bytes | None = None  # XXH3-128 digest of the payload (incremental saves)
+    ref: int | None = None  # the payload lives in the node record's refs[ref], not in this shard
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -221,6 +230,7 @@ class BlobEntry:
             out.update(skeleton=self.skeleton, leaves=[leaf.to_json() for leaf in self.leaves])
         if self.stateful:
             out["stateful"] = True
+        out.update(_reuse_fields(self.xxh3, self.ref))
         return out
 
     @classmethod
@@ -238,11 +248,18 @@ class BlobEntry:
                 raise ValueError("bad stateful flag")
             if encoding == "ndarray":
                 dtype, shape, order, kind = _array_fields(raw, length)
-                return cls(offset, length, encoding, crc, dtype, shape, order, kind, stateful)
-            if encoding == "tree":
+                entry = cls(offset, length, encoding, crc, dtype, shape, order, kind, stateful)
+            elif encoding == "tree":
                 skeleton, leaves = _tree_fields(raw, length)
-                return cls(offset, length, encoding, crc, stateful=stateful, skeleton=skeleton, leaves=leaves)
-            return cls(offset, length, encoding, crc, stateful=stateful)
+                entry = cls(offset, length, encoding, crc, stateful=stateful, skeleton=skeleton, leaves=leaves)
+            else:
+                entry = cls(offset, length, encoding, crc, stateful=stateful)
+            digest, ref = raw.get("xxh3"), raw.get("ref")
+            if digest is not None and (not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE):
+                raise ValueError("xxh3 must be 16 bytes")
+            if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
+                raise ValueError("ref must be a non-negative int")
+            return replace(entry, xxh3=digest, ref=ref) if digest is not None or ref is not None else entry
         except CheckpointError as exc:
             raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -391,12 +408,30 @@ class EncodedBlob:
             offset += int(leaf.stored.nbytes)
         return tuple(out)
 
-    def entry(self, offset: int, crc: int, leaf_crcs: Sequence[int] | None = None) -> BlobEntry:
+    def entry(
+        self,
+        offset: int,
+        crc: int,
+        leaf_crcs: Sequence[int] | None = None,
+        xxh3: bytes | None = None,
+        ref: int | None = None,
+    ) -> BlobEntry:
         """The blob's index entry at ``offset`` with CRC32C ``crc``; ``leaf_crcs`` are the
-        CRC32Cs of a tree's leaves (computed here when not given)."""
+        CRC32Cs of a tree's leaves (computed here when not given); ``xxh3`` and ``ref``:
+        the fields of an incremental save."""
         if self.encoding == "ndarray":
             return BlobEntry(
-                offset, self.length, self.encoding, crc, self.dtype, self.shape, self.order, self.kind, self.stateful
+                offset,
+                self.length,
+                self.encoding,
+                crc,
+                self.dtype,
+                self.shape,
+                self.order,
+                self.kind,
+                self.stateful,
+                xxh3=xxh3,
+                ref=ref,
             )
         if self.encoding == "tree":
             leaves = self._leaf_entries(leaf_crcs)
@@ -408,10 +443,19 @@ class EncodedBlob:
                 stateful=self.stateful,
                 skeleton=len(self.source),
                 leaves=leaves,
+                xxh3=xxh3,
+                ref=ref,
             )
-        return BlobEntry(offset, self.length, self.encoding, crc, stateful=self.stateful)
+        return BlobEntry(offset, self.length, self.encoding, crc, stateful=self.stateful, xxh3=xxh3, ref=ref)
 
-    def entry_json(self, offset: int, crc: int, leaf_crcs: Sequence[int] | None = None) -> dict[str, Any]:
+    def entry_json(
+        self,
+        offset: int,
+        crc: int,
+        leaf_crcs: Sequence[int] | None = None,
+        xxh3: bytes | None = None,
+        ref: int | None = None,
+    ) -> dict[str, Any]:
         """:meth:`BlobEntry.to_json` of :meth:`entry`."""
         if self.encoding != "tree":  # the hot path of shards of many small blobs: no entry object
             out: dict[str, Any] = {"offset": offset, "length": self.length, "encoding": self.encoding, "crc32c": crc}
@@ -420,8 +464,9 @@ class EncodedBlob:
                 out.update(_array_json(self.dtype, self.shape, self.order, self.kind or "numpy"))
             if self.stateful:
                 out["stateful"] = True
+            out.update(_reuse_fields(xxh3, ref))
             return out
-        return self.entry(offset, crc, leaf_crcs).to_json()
+        return self.entry(offset, crc, leaf_crcs, xxh3, ref).to_json()
 
 
 def combine_checksums(crcs: Sequence[int], lengths: Sequence[int]) -> int:
@@ -630,11 +675,21 @@ class ShardIndex:
         self._body = bytearray(self._packer.pack_map_header(count))
         self._missing = count
 
-    def add(self, blob: EncodedBlob, offset: int, crc: int, leaf_crcs: Sequence[int] | None = None) -> None:
+    def add(
+        self,
+        blob: EncodedBlob,
+        offset: int,
+        crc: int,
+        leaf_crcs: Sequence[int] | None = None,
+        xxh3: bytes | None = None,
+        ref: int | None = None,
+    ) -> None:
         """The entry of ``blob``, whose payload starts at ``offset`` and has CRC32C ``crc``
-        (``leaf_crcs``: its leaves', for a tree; computed when not given)."""
+        (``leaf_crcs``: its leaves', for a tree; computed when not given) and XXH3-128
+        digest ``xxh3``; with ``ref``, at ``offset`` of the record's ``refs[ref]`` instead
+        of this shard."""
         self._body += self._packer.pack(blob.name)
-        self._body += self._packer.pack(blob.entry_json(offset, crc, leaf_crcs))
+        self._body += self._packer.pack(blob.entry_json(offset, crc, leaf_crcs, xxh3, ref))
         self._missing -= 1
 
     def trailer(self, index_offset: int) -> tuple[bytearray, int]:
@@ -655,9 +710,10 @@ def shard_trailer(index: Mapping[str, BlobEntry], index_offset: int) -> bytes:
     return body + _TRAILER.pack(index_offset, len(body), checksum(body), TRAILER_MAGIC)
 
 
-def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob]) -> int:
+def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob], *, fingerprinted: bool = False) -> int:
     """An upper bound of the shard's size, known before any byte is written (each index
-    entry is measured with the widest CRC32C encoding, one at a time)."""
+    entry is measured with the widest CRC32C encoding, one at a time; ``fingerprinted``:
+    with room for the fields of an incremental save)."""
     packer = msgpack.Packer()
     offset = len(header)
     count = 0
@@ -665,9 +721,42 @@ def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob]) -> int:
     for blob in blobs:
         widest = [0xFFFFFFFF] * len(blob.leaves)
         entries += len(packer.pack(blob.name)) + len(packer.pack(blob.entry_json(offset, 0xFFFFFFFF, widest)))
+        entries += REUSE_FIELDS_BOUND if fingerprinted else 0
         offset += blob.length
         count += 1
     return offset + len(packer.pack_map_header(count)) + entries + TRAILER_SIZE
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+DIGEST_SIZE = 16  # XXH3-128
+#: The most bytes ``xxh3`` and ``ref`` add to one packed index entry (for size bounds).
+REUSE_FIELDS_BOUND = 32
+_FINGERPRINT_CHUNK = 256 << 10  # hashed in cache-sized chunks: each byte is read from memory once
+
+
+def _reuse_fields(xxh3: bytes | None, ref: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if xxh3 is not None:
+        out["xxh3"] = xxh3
+    if ref is not None:
+        out["ref"] = ref
+    return out
+
+
+def fingerprint(buffers: Iterable[memoryview]) -> tuple[list[int], bytes]:
+    """The CRC32C of each of ``buffers`` and the XXH3-128 digest of all of them written
+    one after another, in one pass (chunk by chunk, so each byte comes from memory
+    once). CPU work, GIL released."""
+    crcs, digest = [], xxhash.xxh3_128()
+    for buffer in buffers:
+        crc = 0
+        for start in range(0, buffer.nbytes, _FINGERPRINT_CHUNK):
+            chunk = buffer[start : start + _FINGERPRINT_CHUNK]
+            crc = checksum(chunk, crc)
+            digest.update(chunk)
+        crcs.append(crc)
+    return crcs, digest.digest()
 
 
 # --------------------------------------------------------------------------- decode

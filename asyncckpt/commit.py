@@ -21,6 +21,13 @@ per writer stands, so:
 No step depends on clocks: gc's grace period only spares young attempts the work of
 being claimed, it is not what keeps them safe.
 
+An incremental save points at objects of its *base*, a committed epoch. Once its index
+(or, in a job, every receipt) names those objects, and before it decides, it checks that
+the base is still committed by the same writer (:func:`check_bases`); a delete uncommits
+an epoch first and only then reads which objects the indexes and receipts name
+(:mod:`.housekeeping`). So either the delete sees the save's pointers and keeps the
+objects, or the save sees its base gone and fails (DESIGN.md §3 has the argument).
+
 Several processes of one job share one writer (the run id). Each uploads its nodes'
 shards and a receipt per node; the process holding the job's first node is the
 *committer*: it lists the writer's receipts until all are there, writes the index and
@@ -44,10 +51,20 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointTimeoutError,
 )
-from .manifest import Decision, EpochIndex, EpochManifest, NodeRecord, read_manifest
+from .manifest import Decision, EpochIndex, EpochManifest, EpochRef, NodeRecord, read_manifest
 from .storage import Storage
 
-__all__ = ["JobCommit", "decide", "decide_commit", "publish_manifest", "read_decision", "refused", "stage_commit"]
+__all__ = [
+    "JobCommit",
+    "check_bases",
+    "decide",
+    "decide_commit",
+    "is_committed",
+    "publish_manifest",
+    "read_decision",
+    "refused",
+    "stage_commit",
+]
 
 _POLL_FIRST = 0.02
 _POLL_MAX = 0.25
@@ -105,11 +122,41 @@ async def publish_manifest(storage: Storage, manifest: EpochManifest) -> EpochMa
 async def stage_commit(
     storage: Storage, index: EpochIndex, db_type: str, metrics: Mapping[str, float] | None = None
 ) -> EpochManifest:
-    """Write the index of a writer's attempt; returns the manifest that commits it."""
+    """Write the index of a writer's attempt, then check its bases (:func:`check_bases`);
+    returns the manifest that commits it."""
     key = layout.index_key(index.epoch, index.writer_id)
     data = index.to_json()
     await storage.put(key, data)
+    await check_bases(storage, index)
     return EpochManifest.for_index(index, key, data, db_type, metrics)
+
+
+async def is_committed(storage: Storage, epoch: EpochRef) -> bool:
+    """Whether ``epoch.epoch`` stands committed by ``epoch.writer_id`` (its manifest, one GET)."""
+    try:
+        manifest = await read_manifest(storage, epoch.epoch)
+    except (CheckpointNotFoundError, CheckpointCorruptedError):
+        return False
+    return manifest.writer_id == epoch.writer_id
+
+
+async def check_bases(storage: Storage, index: EpochIndex) -> None:
+    """The epochs whose objects ``index``'s records point at (their ``base``) are all still
+    committed: called once the index (or every receipt) naming those objects is stored,
+    before the commit decision. :class:`CheckpointConflictError` otherwise: a delete of
+    the base may be removing them, and nothing of this attempt may commit."""
+    bases: set[EpochRef] = set()
+    for node, record in index.nodes.items():
+        if record.refs:
+            if record.base is None:
+                raise CheckpointCorruptedError(f"epoch {index.epoch}: node {node!r} points at objects of no base epoch")
+            bases.add(record.base)
+    for base in sorted(bases, key=lambda b: (b.epoch, b.writer_id)):
+        if not await is_committed(storage, base):
+            raise CheckpointConflictError(
+                f"epoch {index.epoch} not committed: epoch {base.epoch}, whose stored blobs this save reuses, was "
+                "deleted while it saved; save again (the next attempt uploads every blob)"
+            )
 
 
 def refused(decision: Decision) -> CheckpointError:
@@ -120,6 +167,8 @@ def refused(decision: Decision) -> CheckpointError:
             f"{where}: gc claimed this save as abandoned before it could commit (gc's grace period is shorter "
             "than this save took, or clocks disagree); nothing was committed, save again"
         )
+    if not decision.missing:  # the job gave up for another reason than a missing node
+        return CheckpointConflictError(f"{where}: {decision.reason}")
     return CheckpointTimeoutError(f"{where}: {decision.reason}", missing_nodes=list(decision.missing))
 
 
@@ -190,7 +239,13 @@ class JobCommit:
                 ):
                     records[node] = record
                 index = EpochIndex(self.epoch, self.writer_id, {n: records[n] for n in self.nodes})
-                manifest = await stage_commit(self.storage, index, db_type, metrics)
+                try:
+                    manifest = await stage_commit(self.storage, index, db_type, metrics)
+                except CheckpointConflictError as exc:  # a base was deleted: the other processes stop too
+                    standing = await self.give_up(str(exc), [])
+                    if standing.verdict != "abort":
+                        raise refused(standing) from None
+                    raise
                 standing = await decide(self.storage, Decision(self.epoch, self.writer_id, "commit", manifest))
                 if standing.manifest is None:
                     raise refused(standing)

@@ -1,17 +1,25 @@
-"""Which epochs a location holds, and the removal of what interrupted saves left behind."""
+"""Which epochs a location holds, and the removal of what interrupted saves left behind.
+
+Epochs may share objects (format 3: an incremental save points at objects of its base
+epoch). Whoever deletes (:func:`delete_epochs`, :func:`prune`, :func:`collect_garbage`)
+first makes what it deletes unreachable (uncommits the epoch, or claims the writer),
+then lists and reads every index and receipt still stored (:func:`live_objects`) and
+deletes only what none of them names. See DESIGN.md §3 for why a concurrent save that
+points at those objects either keeps them alive or fails.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from . import layout
 from ._tasks import run_all
 from .commit import decide, publish_manifest, read_decision
 from .errors import CheckpointConflictError, CheckpointCorruptedError, CheckpointNotFoundError
-from .manifest import Decision, EpochManifest, manifest_or_none, read_index, read_manifest
+from .manifest import Decision, EpochIndex, EpochManifest, NodeRecord, manifest_or_none, read_index, read_manifest
 from .retention import Retention
 from .storage import ObjectInfo, Storage
 
@@ -20,9 +28,11 @@ __all__ = [
     "collect_garbage",
     "committed_manifests",
     "delete_epoch",
+    "delete_epochs",
     "epoch_dirs",
     "epoch_is_intact",
     "latest_committed_epoch",
+    "live_objects",
     "prune",
 ]
 
@@ -35,7 +45,9 @@ class GcReport:
 
     ``abandoned``: the writers gc claimed (create-only) before deleting their objects;
     ``completed_epochs``: epochs whose writer had decided to commit but never published
-    its manifest, which gc published for it.
+    its manifest, which gc published for it; ``kept_referenced``: garbage otherwise, kept
+    because an index or receipt still points at it (a deleted epoch's shard holding
+    blobs of a later, incremental epoch).
     """
 
     deleted: list[str]
@@ -45,6 +57,7 @@ class GcReport:
     dry_run: bool
     abandoned: list[str] = field(default_factory=list)
     completed_epochs: list[int] = field(default_factory=list)
+    kept_referenced: int = 0
 
 
 async def epoch_dirs(storage: Storage) -> list[int]:
@@ -62,46 +75,102 @@ async def latest_committed_epoch(storage: Storage) -> int | None:
 
 
 async def epoch_is_intact(storage: Storage, epoch: int, max_concurrency: int) -> bool:
-    """``epoch`` is committed and every shard its index names is there with its recorded
-    size (HEADs). A missing or damaged manifest or index raises as reading them does."""
+    """``epoch`` is committed and every shard its index names, and every object of other
+    epochs its blobs live in, is there with its recorded size (HEADs). A missing or
+    damaged manifest or index raises as reading them does."""
     index = await read_index(storage, await read_manifest(storage, epoch))
-    records = list(index.nodes.values())
-    infos = await run_all((storage.head(r.shard) for r in records), max_concurrency)
-    return all(info is not None and info.size == r.size for info, r in zip(infos, records))
+    sizes = {r.shard: r.size for r in index.nodes.values()}
+    sizes.update((ref.key, ref.size) for r in index.nodes.values() for ref in r.refs)
+    infos = await run_all((storage.head(key) for key in sizes), max_concurrency)
+    return all(info is not None and info.size == size for info, size in zip(infos, sizes.values()))
 
 
-async def delete_epoch(storage: Storage, epoch: int) -> None:
-    """Remove a committed epoch: it stops existing at once, then its objects go.
+async def delete_epoch(storage: Storage, epoch: int, max_concurrency: int = 8) -> None:
+    """Remove a committed epoch (:func:`delete_epochs` of one)."""
+    await delete_epochs(storage, [epoch], max_concurrency)
 
-    1. its writer's decision (with the manifest still there nothing needs it, and once
-       the manifest is gone gc must find no commit decision to complete again);
-    2. the manifest: from here on the epoch does not exist;
-    3. what its index names, and the index.
 
-    A crash after step 2 leaves objects that gc claims and removes like any unfinished
-    save. Nothing of another epoch or another writer is touched. Raises
-    :class:`CheckpointNotFoundError` when the epoch is not committed.
+async def delete_epochs(storage: Storage, epochs: Iterable[int], max_concurrency: int) -> None:
+    """Remove committed epochs: each stops existing at once, then the objects go that
+    nothing else needs.
+
+    1. per epoch, in order: its writer's decision (with the manifest still there nothing
+       needs it, and once the manifest is gone gc must find no commit decision to
+       complete again), then the manifest: from here on the epoch does not exist;
+    2. every index and receipt still stored is read (:func:`live_objects`);
+    3. what the epochs' indexes name (their shards, receipts and the objects of other
+       epochs they point at) and the indexes go, except what step 2 found named.
+
+    A crash at any point leaves every other epoch loadable (nothing it names is ever
+    deleted) and objects that gc removes like those of any unfinished save. Raises
+    :class:`CheckpointNotFoundError` when an epoch is not committed (the epochs before it
+    are deleted).
     """
-    manifest = await read_manifest(storage, epoch)
-    try:
-        named = (await read_index(storage, manifest)).keys
-    except CheckpointCorruptedError as exc:  # a damaged index: the commit still goes, gc takes the rest
-        log.warning("deleting epoch %d without its index: %s", epoch, exc)
-        named = set()
-    await storage.delete([layout.decision_key(epoch, manifest.writer_id)])
-    await storage.delete([layout.manifest_key(epoch)])
-    await storage.delete(sorted(named | ({manifest.index} if manifest.index else set())))
+    doomed: set[str] = set()
+    for epoch in epochs:
+        manifest = await read_manifest(storage, epoch)
+        try:
+            index = await read_index(storage, manifest)
+            doomed |= index.keys | index.referenced
+        except CheckpointCorruptedError as exc:  # a damaged index: the commit still goes, gc takes the rest
+            log.warning("deleting epoch %d without its index: %s", epoch, exc)
+        if manifest.index:
+            doomed.add(manifest.index)
+        await storage.delete([layout.decision_key(epoch, manifest.writer_id)])
+        await storage.delete([layout.manifest_key(epoch)])
+    live = await live_objects(storage, doomed, max_concurrency)
+    if live is None:
+        doomed = {key for key in doomed if not key.endswith(layout.SHARD_SUFFIX)}  # gc takes them later
+    await storage.delete(sorted(doomed - (live or set())))
+
+
+async def live_objects(storage: Storage, dropping: Collection[str], max_concurrency: int) -> set[str] | None:
+    """Every object named by an index or receipt stored now (listed after the caller made
+    what it deletes unreachable), except those in ``dropping``: their shards, receipts
+    and the objects of other epochs they point at. Committed or not, an index counts: a
+    save's index names the objects it points at before the save decides to commit.
+
+    ``None`` when one of them can not be read (damaged, or deleted between the listing
+    and the read): the caller must then assume any shard is named.
+    """
+    keys = [
+        info.key
+        async for info in storage.list(layout.EPOCHS_DIR + "/")
+        if info.key not in dropping and layout.parse_record_key(info.key) is not None
+    ]
+
+    async def named_by(key: str) -> set[str] | None:
+        parsed = layout.parse_record_key(key)
+        assert parsed is not None
+        epoch, writer_id = parsed
+        where = storage.url_of(key)
+        try:
+            data = await storage.get(key)
+            if key.endswith(layout.RECEIPT_SUFFIX):
+                records: Iterable[NodeRecord] = [NodeRecord.from_receipt(data, where)[2]]
+            else:
+                records = EpochIndex.from_json(data, where, epoch=epoch, writer_id=writer_id).nodes.values()
+        except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
+            log.warning("keeping every shard: %s can not be read (%s)", where, exc)
+            return None
+        return {name for record in records for name in (*record.keys, *record.referenced)}
+
+    live: set[str] = set()
+    for named in await run_all((named_by(key) for key in keys), max_concurrency):
+        if named is None:
+            return None
+        live |= named
+    return live
 
 
 async def prune(storage: Storage, rules: Retention, *, dry_run: bool, max_concurrency: int) -> list[int]:
-    """Delete the committed epochs ``rules`` do not keep (oldest first); returns them.
-    With ``dry_run`` nothing is deleted."""
+    """Delete the committed epochs ``rules`` do not keep (oldest first, :func:`delete_epochs`);
+    returns them. With ``dry_run`` nothing is deleted."""
     manifests = await committed_manifests(storage, max_concurrency)
     kept = rules.kept(manifests)
     doomed = [m.epoch for m in manifests if m.epoch not in kept]
-    if not dry_run:
-        for epoch in doomed:
-            await delete_epoch(storage, epoch)
+    if not dry_run and doomed:
+        await delete_epochs(storage, doomed, max_concurrency)
     return doomed
 
 
@@ -114,15 +183,19 @@ async def committed_manifests(storage: Storage, max_concurrency: int) -> list[Ep
     return [manifest for manifest in found if manifest is not None]
 
 
-async def collect_garbage(storage: Storage, *, grace_period: float, dry_run: bool) -> GcReport:
+async def collect_garbage(
+    storage: Storage, *, grace_period: float, dry_run: bool, max_concurrency: int = 8
+) -> GcReport:
     """Delete what interrupted, failed or losing saves left behind, by the commit protocol.
 
     Per epoch: with a manifest, every object it does not name (through its index) goes.
     Without one, each writer whose newest object is older than ``grace_period`` seconds
     is first claimed with an ``abandoned`` decision (create-only, see :mod:`.commit`):
     a claimed writer can no longer commit, so its objects go (its decision stays, so it
-    never can). A writer that had decided to commit is completed instead. In a dry run
-    nothing is written or deleted, and the report lists what would be.
+    never can). A writer that had decided to commit is completed instead. Of all that,
+    what an index or receipt stored after the claims still names stays
+    (:func:`live_objects`): the shards of deleted epochs that later epochs point at.
+    In a dry run nothing is written or deleted, and the report lists what would be.
     """
     cutoff = time.time() - grace_period
     by_epoch: dict[int, list[ObjectInfo]] = {}
@@ -133,24 +206,31 @@ async def collect_garbage(storage: Storage, *, grace_period: float, dry_run: boo
     report = _Sweep(storage, cutoff, dry_run)
     for epoch, infos in sorted(by_epoch.items()):
         await report.sweep_epoch(epoch, infos)
+    garbage = report.garbage
+    if garbage:
+        live = await live_objects(storage, set(garbage), max_concurrency)
+        garbage = [
+            key for key in garbage if not (key in live if live is not None else key.endswith(layout.SHARD_SUFFIX))
+        ]
     stale_uploads = [
         u
         for u in await storage.list_pending_uploads(layout.EPOCHS_DIR + "/")
         if u.initiated is None or u.initiated <= cutoff
     ]
     if not dry_run:
-        if report.garbage:
-            await storage.delete(report.garbage)
+        if garbage:
+            await storage.delete(garbage)
         for upload in stale_uploads:
             await storage.abort_pending_upload(upload)
     return GcReport(
-        deleted=report.garbage,
+        deleted=garbage,
         aborted_uploads=[u.key for u in stale_uploads],
         kept_recent=report.kept_recent,
         skipped_epochs=report.skipped,
         dry_run=dry_run,
         abandoned=report.abandoned,
         completed_epochs=report.completed,
+        kept_referenced=len(report.garbage) - len(garbage),
     )
 
 

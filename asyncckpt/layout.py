@@ -34,6 +34,7 @@ __all__ = [
     "new_token_seed",
     "parse_epoch_dir",
     "parse_receipt_key",
+    "parse_record_key",
     "receipt_key",
     "shard_key",
     "solo_writer_id",
@@ -170,6 +171,17 @@ def shard_key(epoch: int, writer_id: str, node: str, token: str | None = None) -
 
 def receipt_key(epoch: int, writer_id: str, token: str, node: str) -> str:
     return f"{epoch_dir(epoch)}{writer_id}/{token}/{node}{RECEIPT_SUFFIX}"
+
+
+def parse_record_key(key: str) -> tuple[int, str] | None:
+    """(epoch, writer id) of an index or receipt key, or ``None`` if ``key`` is neither."""
+    parts = key.split("/")
+    epoch = parse_epoch_dir(parts[1]) if len(parts) > 2 and parts[0] == EPOCHS_DIR else None
+    if epoch is None or not _WRITER_RE.fullmatch(parts[2]):
+        return None
+    if (len(parts) == 4 and parts[3] == INDEX_NAME) or parse_receipt_key(key) is not None:
+        return epoch, parts[2]
+    return None
 
 
 def parse_receipt_key(key: str) -> tuple[str, str, str] | None:

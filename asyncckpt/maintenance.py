@@ -57,18 +57,23 @@ class EpochMaintenance:
         if not isinstance(grace_period, (int, float)) or isinstance(grace_period, bool) or grace_period < 0:
             raise ValueError(f"grace_period must be a non-negative number of seconds, got {grace_period!r}")
         await self._ensure_open()
-        return await collect_garbage(self._storage, grace_period=grace_period, dry_run=dry_run)
+        return await collect_garbage(
+            self._storage, grace_period=grace_period, dry_run=dry_run, max_concurrency=self._config.max_concurrency
+        )
 
     async def delete_epoch(self, epoch: int) -> None:
         """Delete a committed epoch of the save location: its commit record goes first (the
-        epoch stops existing at once), then its objects. A crash midway leaves only what
-        :meth:`gc` removes; a load racing the delete gets that epoch's exact data or
-        :class:`~asyncckpt.CheckpointNotFoundError`, which is also raised if the epoch is
-        not committed. Nothing of another epoch is touched.
+        epoch stops existing at once), then its objects, except those that other epochs'
+        indexes still name (an incremental epoch points at the shards of the epoch it
+        built on); the objects of deleted epochs it pointed at go too once nothing names
+        them. A crash midway leaves only what :meth:`gc` removes; a load racing the
+        delete gets that epoch's exact data or :class:`~asyncckpt.CheckpointNotFoundError`,
+        which is also raised if the epoch is not committed. No other committed epoch
+        loses anything it needs.
         """
         layout.validate_epoch(epoch)
         await self._ensure_open()
-        await delete_epoch(self._storage, epoch)
+        await delete_epoch(self._storage, epoch, self._config.max_concurrency)
         self._forget(epoch)
 
     async def prune(self, retention: Retention | None = None, *, dry_run: bool = False) -> list[int]:
@@ -78,4 +83,8 @@ class EpochMaintenance:
         if not isinstance(rules, Retention):
             raise ValueError("prune() needs Retention rules: pass one, or give the manager retention=...")
         await self._ensure_open()
-        return await prune(self._storage, rules, dry_run=dry_run, max_concurrency=self._config.max_concurrency)
+        deleted = await prune(self._storage, rules, dry_run=dry_run, max_concurrency=self._config.max_concurrency)
+        if not dry_run:
+            for epoch in deleted:
+                self._forget(epoch)
+        return deleted

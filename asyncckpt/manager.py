@@ -21,7 +21,7 @@ from typing import Any
 
 from . import layout
 from .attempt import SaveAttempt
-from .commit import decide_commit, publish_manifest
+from .commit import decide_commit, is_committed, publish_manifest
 from .config import TransferConfig
 from .errors import (
     CheckpointConflictError,
@@ -36,13 +36,14 @@ from .housekeeping import (
     latest_committed_epoch,
 )
 from .maintenance import EpochMaintenance
-from .manifest import EpochIndex, EpochManifest, check_metrics, read_index, read_manifest
+from .manifest import EpochIndex, EpochManifest, EpochRef, check_metrics, read_index, read_manifest
 from .progress import Progress, check_progress, reporting
 from .restore import restore_partial, restore_workspaces
 from .retention import Retention
 from .staging import BackgroundSaves, Encoded, SaveHandle, encode_workspaces, shards_size_bound
 from .stats import StatsBook
 from .storage import PATH_TYPES, ByteBudget, Storage, reader_for, storage_for
+from .transfer import Reuse
 from .workspaces import Workspaces, job_workspaces, normalize_nodes, partial_request
 
 __all__ = ["MultiNodeCheckpointManager"]
@@ -118,6 +119,7 @@ class MultiNodeCheckpointManager(EpochMaintenance):
         self._closed = False
         self._budget = ByteBudget(self._config.max_bytes_in_flight)
         self._epochs: dict[int, _EpochState] = {}
+        self._base: tuple[EpochIndex, Storage] | None = None  # the last epoch committed or loaded here
         self._stats = StatsBook()
         self._background = BackgroundSaves()
 
@@ -203,12 +205,29 @@ class MultiNodeCheckpointManager(EpochMaintenance):
     def _remember(self, index: EpochIndex, storage: Storage) -> None:
         state = self._epoch(index.epoch)
         state.known, state.known_in = index, storage
+        self._base = (index, storage)
 
     def _forget(self, epoch: int) -> None:
         state = self._epochs.get(epoch)
         if state is not None:
             state.known = state.known_in = None
             state.committed_here = False
+        if self._base is not None and self._base[0].epoch == epoch:
+            self._base = None
+
+    async def _reuse(self) -> Reuse | None:
+        """How the next save reuses stored bytes: not at all unless ``config.incremental``;
+        compared with the last epoch committed or loaded here if it is in the save
+        location and still committed by the same writer (one GET), else with nothing."""
+        if not self._config.incremental:
+            return None
+        if self._base is None or self._base[1] is not self._storage:
+            return Reuse(self._config)
+        index = self._base[0]
+        if not await is_committed(self._storage, EpochRef(index.epoch, index.writer_id)):
+            self._base = None
+            return Reuse(self._config)
+        return Reuse(self._config, index)
 
     @property
     def _reader(self) -> Storage:
@@ -358,9 +377,18 @@ class MultiNodeCheckpointManager(EpochMaintenance):
         state.attempts += 1  # every attempt gets fresh keys
         started = time.perf_counter()
         attempt = SaveAttempt(
-            self._storage, self._budget, self._config, self._db_type, self._run_id, self.nodes, epoch, token, metrics
+            self._storage,
+            self._budget,
+            self._config,
+            self._db_type,
+            self._run_id,
+            self.nodes,
+            epoch,
+            token,
+            metrics,
+            await self._reuse(),
         )
-        with reporting(progress, shards_size_bound(encoded)):
+        with reporting(progress, shards_size_bound(encoded, fingerprinted=self._config.incremental)):
             staged = await attempt.upload(encoded)
         state.staged, state.decided = staged.manifest, staged.decided
         try:
@@ -443,7 +471,7 @@ class MultiNodeCheckpointManager(EpochMaintenance):
         try:
             index = await read_index(storage, await read_manifest(storage, epoch))
             _check_nodes_present(index, list(workspaces))
-            with reporting(progress, sum(index.nodes[node].size for node in workspaces)):
+            with reporting(progress, sum(index.nodes[node].load_bytes for node in workspaces)):
                 node_stats = await restore_workspaces(storage, self._config, index, workspaces)
         except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
             if await storage.exists(layout.manifest_key(epoch)):

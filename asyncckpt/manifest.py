@@ -14,7 +14,13 @@ Four records, from the smallest up (format version 2; see DESIGN.md):
   on its attempt: ``commit`` (carrying the manifest to publish), ``abort`` (the job gave
   up at its deadline) or ``abandoned`` (gc claimed the attempt to delete it).
 
-Format 1 manifests (the whole index inline) are still read.
+Format 3 (incremental saves): a node's record may name, in ``refs``, objects of other
+epochs that hold some of its blobs (each with its size), and ``base``, the committed
+epoch those pointers were taken from. Records are written as version 3 exactly when
+they (or, for an index, a manifest or a decision, any of their nodes) carry ``refs``,
+and as version 2 otherwise, so that a location saved without reuse stays readable by
+format 2 readers; a format 2 reader refuses a version 3 record by its version. Format 1
+manifests (the whole index inline) are still read.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ from typing import Any
 
 from . import codec
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .layout import epoch_dir, manifest_key, split_writer_id, validate_epoch, validate_node_name
+from .layout import (
+    SHARD_SUFFIX,
+    epoch_dir,
+    epoch_of_key,
+    manifest_key,
+    split_writer_id,
+    validate_epoch,
+    validate_node_name,
+)
 from .storage import Storage, validate_key
 
 __all__ = [
@@ -38,8 +52,10 @@ __all__ = [
     "Decision",
     "EpochIndex",
     "EpochManifest",
+    "EpochRef",
     "NodeRecord",
     "NodeStats",
+    "ObjectRef",
     "check_metrics",
     "manifest_or_none",
     "read_index",
@@ -52,8 +68,15 @@ MANIFEST_FORMAT = "asyncckpt/manifest"
 INDEX_FORMAT = "asyncckpt/index"
 RECEIPT_FORMAT = "asyncckpt/receipt"
 DECISION_FORMAT = "asyncckpt/decision"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # the newest format: records may point at objects of other epochs
+_PLAIN_VERSION = 2  # records without such pointers are still written as version 2
+_RECORD_VERSIONS = (_PLAIN_VERSION, MANIFEST_VERSION)  # of indexes, receipts, decisions
 VERDICTS = ("commit", "abort", "abandoned")
+
+
+def _version(shared: bool) -> int:
+    """The version a record is written as: 3 if it points at objects of other epochs."""
+    return MANIFEST_VERSION if shared else _PLAIN_VERSION
 
 
 @dataclass(frozen=True)
@@ -65,11 +88,13 @@ class NodeStats:
     objects: int = 0
     requests: int = 0
     retries: int = 0
+    reused_bytes: int = 0  # a save: payload bytes it pointed at in earlier epochs instead of uploading
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seconds": round(self.seconds, 6),
             "bytes": self.bytes,
+            "reused_bytes": self.reused_bytes,
             "objects": self.objects,
             "requests": self.requests,
             "retries": self.retries,
@@ -86,14 +111,36 @@ class NodeStats:
                 int(raw.get("objects", 0)),
                 int(raw.get("requests", 0)),
                 int(raw.get("retries", 0)),
+                int(raw.get("reused_bytes", 0)),
             )
         except (TypeError, ValueError, OverflowError):
             return cls()
 
 
 @dataclass(frozen=True)
+class ObjectRef:
+    """An object of another epoch that holds some of a node's blobs, and its size."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class EpochRef:
+    """One writer's commit of an epoch: the epoch an incremental save builds on."""
+
+    epoch: int
+    writer_id: str
+
+
+@dataclass(frozen=True)
 class NodeRecord:
-    """One node's shard in a committed (or about to be committed) epoch."""
+    """One node's shard in a committed (or about to be committed) epoch.
+
+    ``refs`` (format 3): the objects of other epochs holding the blobs whose shard index
+    entry says ``ref`` (an index into ``refs``); ``base``: the committed epoch they were
+    taken from, which the save checks is still committed before it decides to commit.
+    """
 
     node: str
     shard: str
@@ -102,11 +149,24 @@ class NodeRecord:
     stats: NodeStats = field(default_factory=NodeStats)
     receipt: str | None = None  # the node's receipt object, when its save wrote one
     index_crc32c: int | None = None  # CRC32C of the shard's blob index (format 1: not recorded)
+    refs: tuple[ObjectRef, ...] = ()
+    base: EpochRef | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
         """The objects of this node that a committed epoch keeps."""
         return (self.shard,) if self.receipt is None else (self.shard, self.receipt)
+
+    @property
+    def load_bytes(self) -> int:
+        """The bytes a whole load of this node reads: its shard and the bytes of other
+        epochs' objects its blobs point at."""
+        return self.size + self.stats.reused_bytes
+
+    @property
+    def referenced(self) -> tuple[str, ...]:
+        """The objects of other epochs this node's blobs live in too."""
+        return tuple(ref.key for ref in self.refs)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shard": self.shard, "size": self.size, "crc32c": self.crc32c}
@@ -114,6 +174,10 @@ class NodeRecord:
             out["index_crc32c"] = self.index_crc32c
         if self.receipt is not None:
             out["receipt"] = self.receipt
+        if self.refs:
+            out["refs"] = [{"key": ref.key, "size": ref.size} for ref in self.refs]
+            if self.base is not None:
+                out["base"] = {"epoch": self.base.epoch, "writer_id": self.base.writer_id}
         out["stats"] = self.stats.to_json()
         return out
 
@@ -130,12 +194,14 @@ class NodeRecord:
             _check_unsigned(size, crc, *([] if index_crc is None else [index_crc]))
             if crc >= 1 << 32 or (index_crc or 0) >= 1 << 32:
                 raise ValueError("crc32c out of range")
+            refs, base = _refs(raw.get("refs", [])), _base(raw.get("base"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorruptedError(f"{where}: invalid record of node {node!r}: {exc}") from None
-        return cls(node, shard, size, crc, NodeStats.from_json(raw.get("stats")), receipt, index_crc)
+        stats = NodeStats.from_json(raw.get("stats"))
+        return cls(node, shard, size, crc, stats, receipt, index_crc, refs, base)
 
     def receipt_json(self, epoch: int, writer_id: str) -> bytes:
-        body = {"format": RECEIPT_FORMAT, "version": MANIFEST_VERSION, "epoch": epoch, "writer_id": writer_id}
+        body = {"format": RECEIPT_FORMAT, "version": _version(bool(self.refs)), "epoch": epoch, "writer_id": writer_id}
         body.update(node=self.node, **self.to_json())
         return json.dumps(body, indent=1).encode()
 
@@ -143,8 +209,8 @@ class NodeRecord:
     def from_receipt(cls, data: bytes, where: str) -> tuple[int, str, NodeRecord]:
         """Parse a receipt; returns (epoch, writer id, record)."""
         raw = _load_json(data, where)
-        if raw.get("format") != RECEIPT_FORMAT or raw.get("version") != MANIFEST_VERSION:
-            raise CheckpointCorruptedError(f"{where}: not an asyncckpt receipt of version {MANIFEST_VERSION}")
+        if raw.get("format") != RECEIPT_FORMAT or raw.get("version") not in _RECORD_VERSIONS:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt receipt of version {_RECORD_VERSIONS}")
         node = raw.get("node")
         if not isinstance(node, str):
             raise CheckpointCorruptedError(f"{where}: receipt names no node")
@@ -165,14 +231,28 @@ class EpochIndex:
         return {key for record in self.nodes.values() for key in record.keys}
 
     @property
+    def referenced(self) -> set[str]:
+        """The objects of other epochs the nodes' blobs live in too (format 3)."""
+        return {key for record in self.nodes.values() for key in record.referenced}
+
+    @property
     def total_bytes(self) -> int:
         """The size of every node's shard, added up."""
         return sum(record.size for record in self.nodes.values())
 
+    @property
+    def reused_bytes(self) -> int:
+        """The payload bytes the nodes point at in other epochs' objects, added up."""
+        return sum(record.stats.reused_bytes for record in self.nodes.values())
+
+    @property
+    def version(self) -> int:
+        return _version(any(record.refs for record in self.nodes.values()))
+
     def to_json(self) -> bytes:
         body = {
             "format": INDEX_FORMAT,
-            "version": MANIFEST_VERSION,
+            "version": self.version,
             "epoch": self.epoch,
             "writer_id": self.writer_id,
             "nodes": {name: record.to_json() for name, record in sorted(self.nodes.items())},
@@ -183,8 +263,8 @@ class EpochIndex:
     def from_json(cls, data: bytes, where: str, *, epoch: int, writer_id: str) -> EpochIndex:
         """Parse an index that must belong to ``writer_id``'s commit of ``epoch``."""
         raw = _load_json(data, where)
-        if raw.get("format") != INDEX_FORMAT or raw.get("version") != MANIFEST_VERSION:
-            raise CheckpointCorruptedError(f"{where}: not an asyncckpt index of version {MANIFEST_VERSION}")
+        if raw.get("format") != INDEX_FORMAT or raw.get("version") not in _RECORD_VERSIONS:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt index of version {_RECORD_VERSIONS}")
         if _epoch_of(raw, where) != epoch or raw.get("writer_id") != writer_id:
             raise CheckpointCorruptedError(f"{where}: index of another commit (not {writer_id!r} of epoch {epoch})")
         return cls(epoch, writer_id, _node_records(raw.get("nodes"), epoch, where))
@@ -195,8 +275,9 @@ class EpochManifest:
     """The commit record of one epoch, small whatever the number of nodes and blobs.
 
     ``index`` is the key of the epoch's :class:`EpochIndex` (``index_size`` bytes with
-    CRC32C ``index_crc32c``); ``node_count`` and ``total_bytes`` (the shards' sizes) are
-    totals over its nodes;
+    CRC32C ``index_crc32c``); ``node_count``, ``total_bytes`` (the shards' sizes: the
+    bytes the save uploaded) and ``reused_bytes`` (the payload bytes its blobs point at in
+    other epochs' objects, format 3) are totals over its nodes;
     ``metrics`` are the user's numbers for the epoch.
     """
 
@@ -212,6 +293,7 @@ class EpochManifest:
     metrics: Mapping[str, float] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
     inline_index: EpochIndex | None = field(default=None, repr=False, compare=False)  # format 1
+    reused_bytes: int = 0
 
     @property
     def run_id(self) -> str:
@@ -232,13 +314,15 @@ class EpochManifest:
             index.total_bytes,
             db_type,
             metrics=dict(metrics or {}),
+            version=index.version,
+            reused_bytes=index.reused_bytes,
         )
 
     def to_dict(self) -> dict[str, Any]:
         created = datetime.fromtimestamp(self.created_unix, tz=UTC).isoformat(timespec="milliseconds")
-        return {
+        out: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
+            "version": self.version,
             "epoch": self.epoch,
             "writer_id": self.writer_id,
             "db_type": self.db_type,
@@ -249,6 +333,9 @@ class EpochManifest:
             "index": {"key": self.index, "size": self.index_size, "crc32c": self.index_crc32c},
             "metrics": dict(self.metrics),
         }
+        if self.version >= MANIFEST_VERSION:
+            out["reused_bytes"] = self.reused_bytes
+        return out
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1).encode()
@@ -267,7 +354,7 @@ class EpochManifest:
         if raw.get("format") != MANIFEST_FORMAT:
             raise CheckpointCorruptedError(f"{where}: not an asyncckpt manifest")
         version = raw.get("version")
-        if version not in (1, MANIFEST_VERSION):
+        if version not in (1, *_RECORD_VERSIONS):
             raise CheckpointCorruptedError(f"{where}: unsupported manifest version {version!r}")
         found = _epoch_of(raw, where)
         if epoch is not None and found != epoch:
@@ -303,11 +390,14 @@ class EpochManifest:
                 raw["nodes"],
                 raw["bytes"],
             )
-            _check_unsigned(size, crc, count, total)
+            reused = raw.get("reused_bytes", 0) if version == MANIFEST_VERSION else 0
+            _check_unsigned(size, crc, count, total, reused)
             _check_key(key, found, where)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorruptedError(f"{where}: manifest lacks a valid index: {exc}") from None
-        return cls(found, writer_id, key, size, crc, count, total, db_type, float(created), metrics)
+        return cls(
+            found, writer_id, key, size, crc, count, total, db_type, float(created), metrics, version, None, reused
+        )
 
 
 @dataclass(frozen=True)
@@ -324,7 +414,7 @@ class Decision:
     def to_json(self) -> bytes:
         body: dict[str, Any] = {
             "format": DECISION_FORMAT,
-            "version": MANIFEST_VERSION,
+            "version": self.manifest.version if self.manifest is not None else _PLAIN_VERSION,
             "epoch": self.epoch,
             "writer_id": self.writer_id,
             "verdict": self.verdict,
@@ -338,8 +428,8 @@ class Decision:
     @classmethod
     def from_json(cls, data: bytes, where: str, *, epoch: int, writer_id: str) -> Decision:
         raw = _load_json(data, where)
-        if raw.get("format") != DECISION_FORMAT or raw.get("version") != MANIFEST_VERSION:
-            raise CheckpointCorruptedError(f"{where}: not an asyncckpt decision of version {MANIFEST_VERSION}")
+        if raw.get("format") != DECISION_FORMAT or raw.get("version") not in _RECORD_VERSIONS:
+            raise CheckpointCorruptedError(f"{where}: not an asyncckpt decision of version {_RECORD_VERSIONS}")
         verdict = raw.get("verdict")
         if _epoch_of(raw, where) != epoch or raw.get("writer_id") != writer_id or verdict not in VERDICTS:
             raise CheckpointCorruptedError(f"{where}: not a decision of {writer_id!r} on epoch {epoch}")
@@ -408,7 +498,40 @@ def _node_records(raw: Any, epoch: int, where: str) -> dict[str, NodeRecord]:
     for node, record in nodes.items():
         for key in record.keys:
             _check_key(key, epoch, f"{where}: node {node!r}")
+        for key in record.referenced:
+            _check_shared_key(key, epoch, f"{where}: node {node!r}")
     return nodes
+
+
+def _refs(raw: Any) -> tuple[ObjectRef, ...]:
+    if not isinstance(raw, list):
+        raise ValueError("refs must be a list")
+    refs = []
+    for item in raw:
+        if not isinstance(item, Mapping) or not isinstance(item.get("key"), str):
+            raise ValueError("a ref must be {key, size}")
+        _check_unsigned(item.get("size"))
+        refs.append(ObjectRef(item["key"], item["size"]))
+    return tuple(refs)
+
+
+def _base(raw: Any) -> EpochRef | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("writer_id"), str):
+        raise ValueError("base must be {epoch, writer_id}")
+    return EpochRef(validate_epoch(raw.get("epoch")), raw["writer_id"])
+
+
+def _check_shared_key(key: str, epoch: int, where: str) -> None:
+    """A key a record points at: a valid shard key inside another epoch's directory."""
+    try:
+        validate_key(key)
+    except ValueError:
+        raise CheckpointCorruptedError(f"{where} names an invalid key {key!r}") from None
+    other = epoch_of_key(key)
+    if other is None or other == epoch or not key.endswith(SHARD_SUFFIX):
+        raise CheckpointCorruptedError(f"{where} points at {key!r}, not a shard of another epoch")
 
 
 def _check_key(key: object, epoch: int, where: str) -> None:

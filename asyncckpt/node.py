@@ -5,6 +5,12 @@ and one storage, nothing about other nodes or commits. A shard carries its own b
 index in its trailer; the node's record (shard key, size, CRC32C of the whole shard)
 vouches for all of it. CPU-heavy work (CRC32C of large arrays, decoding) runs in worker
 threads, never on the event loop.
+
+An incremental save (:class:`PriorBlobs`) fingerprints each blob as it is written (CRC32C
+and XXH3-128 in one pass, before any of its bytes are sent); a blob whose fingerprint and
+layout equal its entry in the epoch the save builds on is not written again: its entry
+points at the object that already holds those bytes (``ref``, see :mod:`.manifest`), and
+readers fetch it from there with a ranged GET (:meth:`ShardReader.read_referenced`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,36 +27,76 @@ from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
-from .manifest import NodeRecord, NodeStats
+from .manifest import EpochRef, NodeRecord, NodeStats, ObjectRef
 from .progress import advance
 from .storage import ByteBudget, ObjectWriter, Storage, collect_request_stats
 
-__all__ = ["ShardReader", "ShardWriter", "coalesce_ranges"]
+__all__ = ["PriorBlobs", "ShardReader", "ShardWriter", "coalesce_ranges"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
 _GATHER_MIN = 64 << 10  # pieces smaller than this are gathered into one write...
 _GATHER_BYTES = 256 << 10  # ... of about this many bytes
 _TAIL_GUESS = 64 << 10  # bytes read from a shard's end to find its blob index
+#: Blobs smaller than this are always written again: pointing at them would save little
+#: upload and cost a load one more ranged GET.
+REUSE_MIN = 64 << 10
+
+
+@dataclass(frozen=True)
+class PriorBlobs:
+    """One node's blobs in ``base``, the committed epoch an incremental save builds on:
+    its record and its shard's blob index (:meth:`ShardReader.read_prior`)."""
+
+    base: EpochRef
+    record: NodeRecord
+    entries: Mapping[str, BlobEntry]
+
+    def reusable(
+        self, blob: EncodedBlob, crc: int, leaf_crcs: Sequence[int] | None, xxh3: bytes
+    ) -> tuple[BlobEntry, ObjectRef] | None:
+        """The entry of ``blob`` in ``base`` and the object holding its bytes, if its
+        bytes (CRC32C, XXH3-128, length) and its layout are the same (encoding, dtype
+        name, shape, order, kind: numpy, torch or jax; ``stateful``; a tree's skeleton
+        length and every leaf's offset, length, CRC32C and layout); else ``None``."""
+        entry = self.entries.get(blob.name)
+        if entry is None or entry.xxh3 is None or blob.entry(entry.offset, crc, leaf_crcs, xxh3, entry.ref) != entry:
+            return None
+        if entry.ref is None:
+            return entry, ObjectRef(self.record.shard, self.record.size)
+        return entry, self.record.refs[entry.ref]
 
 
 @dataclass
 class ShardWriter:
     """Writes one node's encoded blobs (:func:`asyncckpt.codec.encode_blobs`) as one
-    shard object, then, for multi-process saves, its receipt."""
+    shard object, then, for multi-process saves, its receipt.
+
+    With ``incremental`` every blob of at least :data:`REUSE_MIN` bytes is fingerprinted
+    (its entry keeps the XXH3-128 digest for the next save to compare), and given
+    ``prior`` the blobs unchanged since then are not written (see :class:`PriorBlobs`).
+    """
 
     storage: Storage
     node: str
     budget: ByteBudget
+    incremental: bool = False
 
     async def write(
-        self, shard_key: str, encoded: list[EncodedBlob], *, receipt: tuple[str, int, str] | None = None
+        self,
+        shard_key: str,
+        encoded: list[EncodedBlob],
+        *,
+        receipt: tuple[str, int, str] | None = None,
+        prior: PriorBlobs | None = None,
     ) -> NodeRecord:
         """Upload the shard; returns the node's record. With ``receipt`` = (key, epoch,
         writer id) the record is also written there, after the shard."""
         started = time.perf_counter()
+        refs: dict[ObjectRef, int] = {}  # the objects reused blobs live in, numbered in order of use
+        reused = 0
         with collect_request_stats() as stats:
             header = codec.shard_header(self.node)
-            size_hint = codec.shard_size_bound(header, encoded)
+            size_hint = codec.shard_size_bound(header, encoded, fingerprinted=self.incremental)
             index = codec.ShardIndex(len(encoded))
             async with self.storage.writer(shard_key, budget=self.budget, size_hint=size_hint) as writer:
                 out = _GatheredWrites(writer)
@@ -58,16 +104,28 @@ class ShardWriter:
                 offset = len(header)
                 for blob in encoded:
                     views = blob.buffers
-                    crcs = []
-                    for view in views:
-                        if view.nbytes >= _THREAD_MIN:
-                            crc = await asyncio.to_thread(codec.checksum, view)
+                    xxh3: bytes | None = None
+                    if self.incremental and blob.length >= REUSE_MIN:
+                        if blob.length >= _THREAD_MIN:
+                            crcs, xxh3 = await asyncio.to_thread(codec.fingerprint, views)
                         else:
-                            crc = codec.checksum(view)
-                        await out.write(view, crc)
-                        crcs.append(crc)
+                            crcs, xxh3 = codec.fingerprint(views)
+                    else:
+                        crcs = [await _checksum(view) for view in views]
                     blob_crc = codec.combine_checksums(crcs, [view.nbytes for view in views])
-                    index.add(blob, offset, blob_crc, crcs[1:] if blob.leaves else None)
+                    leaf_crcs = crcs[1:] if blob.leaves else None
+                    found = None
+                    if prior is not None and xxh3 is not None:
+                        found = prior.reusable(blob, blob_crc, leaf_crcs, xxh3)
+                    if found is not None:  # unchanged: point at the bytes already stored
+                        entry, stored_in = found
+                        index.add(blob, entry.offset, blob_crc, leaf_crcs, xxh3, refs.setdefault(stored_in, len(refs)))
+                        reused += blob.length
+                        advance(blob.length)
+                        continue
+                    for view, crc in zip(views, crcs):
+                        await out.write(view, crc)
+                    index.add(blob, offset, blob_crc, leaf_crcs, xxh3)
                     offset += blob.length
                 trailer, index_crc = index.trailer(offset)
                 await out.write(trailer)
@@ -76,9 +134,13 @@ class ShardWriter:
             size = offset + len(trailer)
             assert info.size == size, (info.size, size)
             objects, requests = (1, stats.requests) if receipt is None else (2, stats.requests + 1)
-            node_stats = NodeStats(time.perf_counter() - started, size, objects, requests, stats.retries)
+            seconds = time.perf_counter() - started
+            node_stats = NodeStats(seconds, size, objects, requests, stats.retries, reused)
             receipt_key = receipt[0] if receipt else None
-            record = NodeRecord(self.node, shard_key, size, out.crc, node_stats, receipt_key, index_crc)
+            base = prior.base if prior is not None and refs else None
+            record = NodeRecord(
+                self.node, shard_key, size, out.crc, node_stats, receipt_key, index_crc, tuple(refs), base
+            )
             if receipt is not None:
                 key, epoch, writer_id = receipt
                 await self.storage.put(key, record.receipt_json(epoch, writer_id))
@@ -117,6 +179,11 @@ class _GatheredWrites:
             self.crc = codec.checksum(pending, self.crc)
             await self._writer.write(pending)
             advance(len(pending))
+
+
+async def _checksum(view: memoryview) -> int:
+    """CRC32C of ``view``, computed in a worker thread when it is large."""
+    return await asyncio.to_thread(codec.checksum, view) if view.nbytes >= _THREAD_MIN else codec.checksum(view)
 
 
 def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list[tuple[int, int]]:
@@ -204,7 +271,10 @@ class ShardReader:
         """Every blob of the shard, verified (sizes, CRC32C of every blob, header, index)."""
         await self.check_size()
         data = await self.fetch(0, self.record.size)
-        return await asyncio.to_thread(self.decode, data)
+        values = await asyncio.to_thread(self.decode, data)
+        if self.record.refs:  # format 3: some blobs live in objects of other epochs
+            values.update(await self.read_referenced(await asyncio.to_thread(self._referenced_entries, data)))
+        return values
 
     def decode(self, data: memoryview) -> dict[str, Any]:
         """Verify a whole shard's bytes (header, trailer, index, the CRC32C of every blob
@@ -217,6 +287,7 @@ class ShardReader:
         if header.get("node") != self.node:
             raise CheckpointCorruptedError(f"{where}: shard belongs to node {header.get('node')!r}")
         index = self._parse_index(data[data.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: data[lo:hi])
+        index = {name: entry for name, entry in index.items() if entry.ref is None}  # see read_referenced
         crcs = {name: codec.checksum(data[e.offset : e.offset + e.length]) for name, e in index.items()}
         for name, entry in index.items():
             if crcs[name] != entry.crc32c:
@@ -237,7 +308,11 @@ class ShardReader:
             raise CheckpointCorruptedError(f"{where}: blob index differs from the record's (a shard of another node?)")
         index = codec.parse_index(body_at(offset, offset + length), crc, where)
         for name, entry in index.items():
-            if entry.offset + entry.length > offset:
+            if entry.ref is not None:
+                refs = self.record.refs
+                if entry.ref >= len(refs) or entry.offset + entry.length > refs[entry.ref].size:
+                    raise CheckpointCorruptedError(f"{where}, blob {name!r}: points outside the objects of its record")
+            elif entry.offset + entry.length > offset:
                 raise CheckpointCorruptedError(f"{where}, blob {name!r}: lies outside the shard's payloads")
         return index
 
@@ -251,6 +326,41 @@ class ShardReader:
         if offset < start:  # a large index: fetch it whole
             start, tail = offset, await self.fetch(offset, size)
         return self._parse_index(tail[tail.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: tail[lo - start : hi - start])
+
+    async def read_prior(self, base: EpochRef) -> PriorBlobs:
+        """This node's blobs in ``base`` (the epoch of this record), for an incremental
+        save: the object's size is checked, then its blob index read from its tail."""
+        await self.check_size()
+        return PriorBlobs(base, self.record, await self.read_index())
+
+    def _referenced_entries(self, data: memoryview) -> dict[str, BlobEntry]:
+        """The entries of the whole shard ``data`` whose bytes live in other objects."""
+        index = self._parse_index(data[data.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: data[lo:hi])
+        return {name: entry for name, entry in index.items() if entry.ref is not None}
+
+    async def read_referenced(self, entries: Mapping[str, BlobEntry]) -> dict[str, Any]:
+        """The blobs of ``entries`` (each with ``ref``), fetched with ranged GETs from the
+        objects of other epochs that hold them (``record.refs``), each object's size
+        checked first, each blob checked against its CRC32C."""
+        groups: dict[int, dict[str, BlobEntry]] = {}
+        for name, entry in entries.items():
+            assert entry.ref is not None
+            groups.setdefault(entry.ref, {})[name] = entry
+
+        async def read_group(ref: int, group: dict[str, BlobEntry]) -> dict[str, Any]:
+            stored_in = self.record.refs[ref]
+            holder = ShardReader(
+                self.storage, self.node, NodeRecord(self.node, stored_in.key, stored_in.size, 0), self.config
+            )
+            await holder.check_size()
+            return await holder.read_some(group)
+
+        values: dict[str, Any] = {}
+        for got in await run_all(
+            (read_group(ref, group) for ref, group in groups.items()), self.config.max_concurrency
+        ):
+            values.update(got)
+        return values
 
     async def read_some(self, wanted: Mapping[str, BlobEntry]) -> dict[str, Any]:
         """Only the ``wanted`` blobs (entries of :meth:`read_index`), fetched with ranged

@@ -41,7 +41,7 @@ from ._tasks import run_all
 from .codec import BlobEntry, LeafEntry
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
-from .manifest import EpochIndex, NodeStats
+from .manifest import EpochIndex, NodeRecord, NodeStats
 from .node import ShardReader
 from .storage import Storage
 from .transfer import plan_partial_load, read_nodes
@@ -405,25 +405,55 @@ def _leaf_value(value: Callable[[_Piece], Any], leaves: Sequence[_Piece], number
     return value(leaves[number])
 
 
+def _sources(reader: ShardReader, entries: Mapping[str, BlobEntry]) -> list[tuple[ShardReader, dict[str, BlobEntry]]]:
+    """The objects the blobs of ``entries`` are read from, each with its blobs: the shard
+    of ``reader`` first (its blobs stored in it), then each object of another epoch that
+    blobs of an incremental save point at (``ref``, an object of ``record.refs``)."""
+    local = {blob: entry for blob, entry in entries.items() if entry.ref is None}
+    shared: dict[int, dict[str, BlobEntry]] = {}
+    for blob, entry in entries.items():
+        if entry.ref is not None:
+            shared.setdefault(entry.ref, {})[blob] = entry
+    sources = [(reader, local)]
+    for ref, group in sorted(shared.items()):
+        stored_in = reader.record.refs[ref]
+        record = NodeRecord(reader.node, stored_in.key, stored_in.size, 0)
+        sources.append((ShardReader(reader.storage, reader.node, record, reader.config), group))
+    return sources
+
+
 async def _read_shard(
     reader: ShardReader, entries: Mapping[str, BlobEntry], whole: bool, destinations: Mapping[str, Any], guard: _Guard
 ) -> tuple[dict[str, Any], set[str]]:
     """The blobs of ``entries`` (of the shard's checked index; ``whole``: all of them, and
     the shard's CRC32C is checked too), restored in place into the matching
-    ``destinations``: their values and the names of the ``Stateful`` ones."""
+    ``destinations``: their values and the names of the ``Stateful`` ones. Blobs an
+    incremental save pointed at objects of other epochs are read from those (each
+    object's size checked first); the shard's CRC32C covers the bytes in the shard."""
     known = set(guard.previous)
-    targets = await _targets(reader, entries, destinations, guard)
-    where = reader.where()
-    pieces = _pieces(entries, targets, reader.record.size if whole else None, where)
-    live: list[Any] = [p.target for p in pieces if p.writes_target]
+    sources = _sources(reader, entries)
+    await run_all(holder.check_size() for holder, _ in sources[1:])
+    found = await run_all(_targets(source, blobs, destinations, guard) for source, blobs in sources)
+    framed = [
+        _pieces(blobs, targets, source.record.size if whole and source is reader else None, source.where())
+        for (source, blobs), targets in zip(sources, found)
+    ]
+    live: list[Any] = [p.target for pieces in framed for p in pieces if p.writes_target]
     for key, (_, state) in guard.previous.items():
         if key not in known:
             _arrays_in(state, live)
     if live:
         await guard.run(asyncio.to_thread(guard.journal().save, live))  # a rollback waits for it
-    await _read(reader, pieces, guard)
+    await run_all(_read(source, pieces, guard) for (source, _), pieces in zip(sources, framed))
     shard_crc = reader.record.crc32c if whole else None
-    values = await guard.run(asyncio.to_thread(_finish, entries, pieces, shard_crc, where))
+
+    def finish() -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for (source, blobs), pieces in zip(sources, framed):
+            values.update(_finish(blobs, pieces, shard_crc if source is reader else None, source.where()))
+        return values
+
+    values = await guard.run(asyncio.to_thread(finish))
     return values, {blob for blob, entry in entries.items() if entry.stateful}
 
 
@@ -458,7 +488,7 @@ async def restore_workspaces(
             reader = ShardReader(storage, node, index.nodes[node], config)
             await reader.check_size()
             entries = await reader.read_index()
-            return await _read_shard(reader, entries, True, workspaces[node], guard), reader.record.size
+            return await _read_shard(reader, entries, True, workspaces[node], guard), reader.record.load_bytes
 
         what = f"load of epoch {index.epoch}"
         loaded, stats = await read_nodes(what, workspaces, read_node, config.max_nodes_in_flight)

@@ -72,10 +72,13 @@ def encode_workspaces(workspaces: Mapping[str, Mapping[str, Any]], staging: Stag
     return encoded
 
 
-def shards_size_bound(encoded: Encoded) -> int:
+def shards_size_bound(encoded: Encoded, *, fingerprinted: bool = False) -> int:
     """An upper bound of the bytes the shards of ``encoded`` take (their sizes, known
-    before any byte is written)."""
-    return sum(codec.shard_size_bound(codec.shard_header(node), blobs) for node, blobs in encoded.items())
+    before any byte is written; ``fingerprinted``: by an incremental save)."""
+    return sum(
+        codec.shard_size_bound(codec.shard_header(node), blobs, fingerprinted=fingerprinted)
+        for node, blobs in encoded.items()
+    )
 
 
 class SaveHandle:

@@ -16,14 +16,25 @@ ACTIONS = ("checkpoint_save", "checkpoint_load", "checkpoint_partial_load")
 
 
 def _empty_report(action: str, epoch: int | None = None) -> dict[str, Any]:
-    return {"action": action, "epoch": epoch, "nodes": {}, "slowest_node": None, "seconds": 0.0, "bytes": 0}
+    return {
+        "action": action,
+        "epoch": epoch,
+        "nodes": {},
+        "slowest_node": None,
+        "seconds": 0.0,
+        "bytes": 0,
+        "reused_bytes": 0,
+    }
 
 
 class StatsBook:
     """The latest report of each action.
 
-    A report is ``{"action", "epoch", "nodes": {node: {seconds, bytes, objects,
-    requests, retries, db_name}}, "slowest_node", "seconds", "bytes"}``.
+    A report is ``{"action", "epoch", "nodes": {node: {seconds, bytes, reused_bytes,
+    objects, requests, retries, db_name}}, "slowest_node", "seconds", "bytes",
+    "reused_bytes"}``. ``bytes`` are the bytes written (a save) or read (a load);
+    ``reused_bytes``, of a save, the payload bytes it did not upload because they were
+    stored already (an incremental save, ``TransferConfig.incremental``).
     """
 
     def __init__(self) -> None:
@@ -61,6 +72,7 @@ class StatsBook:
             "slowest_node": max(nodes, key=lambda n: nodes[n]["seconds"]) if nodes else None,
             "seconds": round(seconds, 6),
             "bytes": sum(n["bytes"] for n in nodes.values()),
+            "reused_bytes": sum(n["reused_bytes"] for n in nodes.values()),
         }
 
     def report(self, action: str) -> dict[str, Any]:

@@ -10,22 +10,48 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from . import layout
 from ._tasks import settle_all, shielded
 from .codec import BlobEntry, EncodedBlob
-from .errors import CheckpointError, combine_node_failures
-from .manifest import NodeRecord, NodeStats
-from .node import ShardWriter
+from .config import TransferConfig
+from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError, combine_node_failures
+from .manifest import EpochIndex, EpochRef, NodeRecord, NodeStats
+from .node import PriorBlobs, ShardReader, ShardWriter
 from .storage import ByteBudget, Storage, collect_request_stats
 
-__all__ = ["discard", "plan_partial_load", "read_nodes", "upload_nodes"]
+__all__ = ["Reuse", "discard", "plan_partial_load", "read_nodes", "upload_nodes"]
 
 log = logging.getLogger("asyncckpt")
 
 
 Cleanup = Callable[[list[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """An incremental save (``TransferConfig.incremental``): every blob is fingerprinted,
+    and those unchanged since ``base`` (a committed epoch in the same storage, if any)
+    point at its objects instead of being uploaded again."""
+
+    config: TransferConfig
+    base: EpochIndex | None = None
+
+    async def prior(self, storage: Storage, node: str) -> PriorBlobs | None:
+        """``node``'s blobs in the base, or ``None`` (no base, the node is not in it, or
+        its shard can no longer be read: then every blob is uploaded)."""
+        if self.base is None or node not in self.base.nodes:
+            return None
+        reader = ShardReader(storage, node, self.base.nodes[node], self.config)
+        try:
+            return await reader.read_prior(EpochRef(self.base.epoch, self.base.writer_id))
+        except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
+            log.info(
+                "node %r: every blob is uploaded, its shard of epoch %d is unreadable: %s", node, self.base.epoch, exc
+            )
+            return None
 
 
 async def upload_nodes(
@@ -38,10 +64,12 @@ async def upload_nodes(
     *,
     token: str | None = None,
     cleanup: Cleanup | None = None,
+    reuse: Reuse | None = None,
 ) -> dict[str, NodeRecord]:
     """Upload every node's shard for writer ``writer_id`` of ``epoch``; returns each
     node's record, in the order of ``encoded``. With ``token`` (a process of a
-    multi-process job) the shards go under it and each gets a receipt.
+    multi-process job) the shards go under it and each gets a receipt. With ``reuse``
+    the save is incremental (:class:`Reuse`).
 
     On any failure one error names every failed node, after ``cleanup`` (default:
     :func:`discard`) was handed the keys this call wrote (shielded from cancellation).
@@ -51,10 +79,12 @@ async def upload_nodes(
     async def save_node(node: str) -> NodeRecord:
         shard = layout.shard_key(epoch, writer_id, node, token)
         receipt = (layout.receipt_key(epoch, writer_id, token, node), epoch, writer_id) if token is not None else None
+        prior = await reuse.prior(storage, node) if reuse is not None else None
         written.append(shard)
         if receipt is not None:
             written.append(receipt[0])
-        return await ShardWriter(storage, node, budget).write(shard, encoded[node], receipt=receipt)
+        writer = ShardWriter(storage, node, budget, incremental=reuse is not None)
+        return await writer.write(shard, encoded[node], receipt=receipt, prior=prior)
 
     try:
         records, failures = await settle_all({node: save_node(node) for node in encoded}, max_nodes)

@@ -209,6 +209,7 @@ def epoch_summary(manifest: EpochManifest) -> dict[str, Any]:
         "epoch": manifest.epoch,
         "nodes": manifest.node_count,
         "bytes": manifest.total_bytes,
+        "reused_bytes": manifest.reused_bytes,
         "created": datetime.fromtimestamp(manifest.created_unix, UTC).isoformat(timespec="milliseconds"),
         "created_unix": manifest.created_unix,
         "run_id": manifest.run_id,

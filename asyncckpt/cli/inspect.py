@@ -39,13 +39,15 @@ __all__ = ["gc", "ls"]
 @endpoint_option
 def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     """List the committed epochs of LOCATION (s3://bucket/prefix or a directory): per
-    epoch its nodes, the bytes of their shards, when it was committed, by which run id
-    and the metrics it was saved with (a column shown when any epoch has them). The
-    latest one, where a resuming job starts, is marked.
+    epoch its nodes, the bytes of their shards (what its save uploaded), the bytes of
+    its blobs it reuses from the shards of earlier epochs (incremental saves; a column
+    shown when any epoch has them), when it was committed, by which run id and the
+    metrics it was saved with (a column shown when any epoch has them). The latest one,
+    where a resuming job starts, is marked.
 
-    With --json: {"location", "epochs": [{"epoch", "nodes", "bytes", "created",
-    "created_unix", "run_id", "writer_id", "metrics", "latest"}], "latest" (null when
-    there is none), "total_bytes"}.
+    With --json: {"location", "epochs": [{"epoch", "nodes", "bytes", "reused_bytes",
+    "created", "created_unix", "run_id", "writer_id", "metrics", "latest"}], "latest"
+    (null when there is none), "total_bytes"}.
 
     Exit code 0 (also when there is no committed epoch), 2 on a storage or usage error
     (a directory or bucket that does not exist is one).
@@ -76,6 +78,9 @@ def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     table.add_column("epoch", justify="right")
     table.add_column("nodes", justify="right")
     table.add_column("shards", justify="right")
+    with_reuse = any(manifest.reused_bytes for manifest in manifests)
+    if with_reuse:
+        table.add_column("reused", justify="right")
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("run id", overflow="fold")
     with_metrics = any(manifest.metrics for manifest in manifests)
@@ -84,10 +89,12 @@ def ls(location: str, as_json: bool, endpoint_url: str | None) -> None:
     table.add_column("")
     for manifest in manifests:
         metrics = [escape(format_metrics(manifest.metrics))] if with_metrics else []
+        reused = [format_bytes(manifest.reused_bytes)] if with_reuse else []
         table.add_row(
             str(manifest.epoch),
             str(manifest.node_count),
             format_bytes(manifest.total_bytes),
+            *reused,
             format_time(manifest.created_unix),
             escape(manifest.run_id),
             *metrics,
@@ -127,11 +134,12 @@ def gc(location: str, grace: float, dry_run: bool, as_json: bool, endpoint_url: 
     of epochs that were never committed, objects inside committed epochs that their
     manifest does not name (a failed or losing attempt), and unfinished multipart
     uploads, when older than --grace. A committed epoch's manifest and the shards and
-    receipts it names are never touched, nor an epoch whose manifest does not parse.
+    receipts it names are never touched, nor an epoch whose manifest does not parse,
+    nor the shards of deleted epochs that a committed (incremental) epoch points at.
 
     With --json: {"location", "grace_seconds", "dry_run", "deleted", "aborted_uploads",
-    "kept_recent", "skipped_epochs", "abandoned", "completed_epochs"} (the fields of
-    asyncckpt.GcReport).
+    "kept_recent", "skipped_epochs", "abandoned", "completed_epochs", "kept_referenced"}
+    (the fields of asyncckpt.GcReport).
 
     Exit code 0, or 2 on a storage or usage error (a directory or bucket that does not
     exist is one).
@@ -163,6 +171,11 @@ def gc(location: str, grace: float, dry_run: bool, as_json: bool, endpoint_url: 
         console.print(
             f"[yellow]kept {count(report.kept_recent, 'object')} younger than {format_duration(grace)}[/]: "
             "a save may still be writing them"
+        )
+    if report.kept_referenced:
+        console.print(
+            f"kept {count(report.kept_referenced, 'object')} of deleted or failed saves: "
+            "other epochs still point at them"
         )
     if report.abandoned:
         claimed = "would claim" if dry_run else "claimed"

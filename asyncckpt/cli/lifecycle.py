@@ -17,6 +17,7 @@ from rich.table import Table
 from asyncckpt import CheckpointError, EpochManifest, MultiNodeCheckpointManager, Retention, TransferConfig
 from asyncckpt._tasks import run_all
 from asyncckpt.codec import BlobEntry
+from asyncckpt.layout import epoch_of_key
 from asyncckpt.manifest import NodeRecord, read_index, read_manifest
 from asyncckpt.node import ShardReader
 from asyncckpt.storage import storage_for
@@ -47,6 +48,17 @@ class NodeContents:
     record: NodeRecord
     url: str
     blobs: dict[str, BlobEntry]
+    ref_urls: tuple[str, ...] = ()  # the URLs of record.refs
+
+    def holder(self, entry: BlobEntry) -> str | None:
+        """The URL of the object of an earlier epoch holding ``entry``'s bytes, if not the shard."""
+        return self.ref_urls[entry.ref] if entry.ref is not None else None
+
+    def stored_in(self, entry: BlobEntry) -> str:
+        """Where ``entry``'s bytes are, for the table: ``""`` (the shard) or ``"epoch N"``."""
+        if entry.ref is None:
+            return ""
+        return f"epoch {epoch_of_key(self.record.refs[entry.ref].key)}"
 
 
 @click.command(short_help="Show the nodes and blobs of a committed epoch.")
@@ -57,13 +69,17 @@ class NodeContents:
 def show(location: str, epoch: int, as_json: bool, endpoint_url: str | None) -> None:
     """Show committed EPOCH of LOCATION (s3://bucket/prefix or a directory): its nodes,
     each with its shard object and size, and every blob of each node with its kind
-    (ndarray, bytes or msgpack), dtype, shape and stored bytes. Only the manifest, the
-    index and the tail of each shard are read (its blob index), not the blobs.
+    (ndarray, bytes or msgpack), dtype, shape and stored bytes, and, for a blob an
+    incremental save did not upload again, the earlier epoch whose shard holds it. Only
+    the manifest, the index and the tail of each shard are read (its blob index), not
+    the blobs.
 
-    With --json: {"location", "epoch", "nodes" (a count), "bytes", "created",
-    "created_unix", "run_id", "writer_id", "metrics", "shards": [{"node", "object",
-    "bytes", "blobs": [{"name", "kind", "dtype", "shape", "bytes"}]}]}; dtype and shape
-    are null for blobs that are not arrays.
+    With --json: {"location", "epoch", "nodes" (a count), "bytes", "reused_bytes",
+    "created", "created_unix", "run_id", "writer_id", "metrics", "shards": [{"node",
+    "object", "bytes", "reused_bytes", "blobs": [{"name", "kind", "dtype", "shape",
+    "bytes", "object"}]}]}; dtype and shape are null for blobs that are not arrays; a
+    blob's object is null when it is in the node's own shard, else the URL of the
+    object of an earlier epoch that holds it.
 
     Exit code 0, or 2 on a storage or usage error (an epoch that is not committed, a
     directory or bucket that does not exist). A shard whose blob index is damaged is
@@ -82,16 +98,20 @@ def show(location: str, epoch: int, as_json: bool, endpoint_url: str | None) -> 
                 "node": node.record.node,
                 "object": node.url,
                 "bytes": node.record.size,
-                "blobs": [_blob_json(name, entry) for name, entry in node.blobs.items()],
+                "reused_bytes": node.record.stats.reused_bytes,
+                "blobs": [
+                    {**_blob_json(name, entry), "object": node.holder(entry)} for name, entry in node.blobs.items()
+                ],
             }
             for node in nodes
         ]
         print_json({"location": location, **epoch_summary(manifest), "shards": shards})
         return
     console = Console(highlight=False)
+    reused = f" (and {format_bytes(manifest.reused_bytes)} reused)" if manifest.reused_bytes else ""
     console.print(
         f"[bold]epoch {epoch}[/] of {escape(location)}: {count(manifest.node_count, 'node')}, "
-        f"{format_bytes(manifest.total_bytes)} of shards, committed {format_time(manifest.created_unix)} UTC "
+        f"{format_bytes(manifest.total_bytes)} of shards{reused}, committed {format_time(manifest.created_unix)} UTC "
         f"by run {escape(manifest.run_id)}",
         soft_wrap=True,
     )
@@ -104,6 +124,9 @@ def show(location: str, epoch: int, as_json: bool, endpoint_url: str | None) -> 
     table.add_column("dtype")
     table.add_column("shape")
     table.add_column("bytes", justify="right")
+    with_reuse = any(node.record.refs for node in nodes)
+    if with_reuse:
+        table.add_column("stored in")
     for node in nodes:
         for i, (name, entry) in enumerate(node.blobs.items()):
             blob = _blob_json(name, entry)
@@ -114,6 +137,7 @@ def show(location: str, epoch: int, as_json: bool, endpoint_url: str | None) -> 
                 escape(blob["dtype"] or ""),
                 "" if blob["shape"] is None else str(tuple(blob["shape"])),
                 format_bytes(entry.length),
+                *([node.stored_in(entry)] if with_reuse else []),
                 end_section=i == len(node.blobs) - 1,
             )
     console.print(table)
@@ -154,7 +178,8 @@ async def _read_epoch_contents(
         async def contents(record: NodeRecord) -> NodeContents:
             reader = ShardReader(storage, record.node, record, config)
             await reader.check_size()
-            return NodeContents(record, storage.url_of(record.shard), await reader.read_index())
+            refs = tuple(storage.url_of(key) for key in record.referenced)
+            return NodeContents(record, storage.url_of(record.shard), await reader.read_index(), refs)
 
         records = sorted(index.nodes.values(), key=lambda record: record.node)
         return manifest, await run_all((contents(r) for r in records), config.max_concurrency)

@@ -91,14 +91,15 @@ class VerifyResult:
 @endpoint_option
 def verify(location: str, epoch: int | None, parallel: int, as_json: bool, endpoint_url: str | None) -> None:
     """Check EPOCH of LOCATION (s3://bucket/prefix or a directory), or every committed
-    epoch when no EPOCH is given: read every byte of every node's shard and check the
+    epoch when no EPOCH is given: read every byte of every node's shard, and the bytes
+    its blobs reuse in the shards of earlier epochs (incremental saves), and check the
     CRC32C of every blob, of every shard, of each epoch's index and its manifest, as a
     load does. Stops at the first damage and names its node, blob and object. A
     manifest that does not parse is damage too. Draws a progress bar on stderr when it
     is a terminal.
 
-    With --json: {"location", "ok", "epochs": [{"epoch", "nodes", "bytes", "created",
-    "created_unix", "run_id", "writer_id", "metrics"}], "bytes_checked", "damage":
+    With --json: {"location", "ok", "epochs": [{"epoch", "nodes", "bytes", "reused_bytes",
+    "created", "created_unix", "run_id", "writer_id", "metrics"}], "bytes_checked", "damage":
     null or {"epoch", "node", "blob", "object", "message"}} (node, blob and object are
     null where the damage is not in one).
 
@@ -179,7 +180,7 @@ async def _verify(
             return VerifyResult([], 0, damaged.damage)
         manifests = [manifest for manifest, _ in plan]
         shards = [(manifest.epoch, record) for manifest, index in plan for record in index.nodes.values()]
-        total = sum(record.size for _, record in shards)
+        total = sum(record.load_bytes for _, record in shards)
         checked: list[int] = []  # the sizes of the shards found intact
         try:
             with reporting(_progress_bar(progress, f"verifying {count(len(manifests), 'epoch')}", total), total):
@@ -241,5 +242,12 @@ async def _check_shard(
     try:
         await ShardReader(storage, record.node, record, config).read_all()
     except (CheckpointCorruptedError, CheckpointNotFoundError) as exc:
-        raise _Damaged(Damage.of(epoch, exc, node=record.node, url=storage.url_of(record.shard))) from None
-    checked.append(record.size)
+        raise _Damaged(Damage.of(epoch, exc, node=record.node, url=_object_of(storage, record, exc))) from None
+    checked.append(record.load_bytes)
+
+
+def _object_of(storage: Storage, record: NodeRecord, exc: Exception) -> str:
+    """The URL of the object ``exc`` is about: one of earlier epochs the node's blobs live
+    in, when its message names one, else the node's shard."""
+    message = str(exc)
+    return next((url for url in map(storage.url_of, record.referenced) if url in message), storage.url_of(record.shard))

@@ -97,6 +97,25 @@ def test_quick_scale_bench_reports_every_section_and_target_as_json(tmp_path: Pa
     assert "| target | measured | limit | status |" in data["markdown"]
 
 
+def test_incremental_bench_measures_both_saves_and_their_ratios(tmp_path: Path):
+    out = tmp_path / "incremental.json"
+    result = CliRunner().invoke(
+        bench_command, ["--incremental", "--state-mib", "4", "--reps", "1", "--json", str(out)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    medians = data["medians"]
+    assert set(medians) == {"first", "second", "full_second", "changed_second"}
+    assert medians["second"]["reused_bytes"] == 9 * ((4 << 20) // 10 // 4) * 4  # 9 arrays of float32
+    assert medians["full_second"]["reused_bytes"] == 0 and medians["changed_second"]["reused_bytes"] == 0
+    assert 0 < data["ratios"]["second_bytes"] <= 0.12  # bytes are counted, not timed: a real check
+    assert [t["name"] for t in data["targets"]] == [
+        "second save bytes <= 12% of the first",
+        "second save wall <= 0.25x the first",
+    ]
+    assert "second/first: bytes" in result.output
+
+
 @pytest.mark.timeout(120)
 def test_peers_bench_runs_the_installed_peers_on_moto_and_skips_the_others_with_the_reason(tmp_path: Path):
     out = tmp_path / "peers.json"

@@ -224,8 +224,11 @@ def test_show_json_gives_kind_dtype_shape_and_bytes_of_every_blob(location: str)
             "dtype": "float32",
             "shape": [256],
             "bytes": 1024,
+            "object": None,  # in this shard (small blobs are never reused)
         }
-        assert blobs["tag"] == {"name": "tag", "kind": "bytes", "dtype": None, "shape": None, "bytes": len(b"epoch-3")}
+        assert blobs["tag"] == {
+            "name": "tag", "kind": "bytes", "dtype": None, "shape": None, "bytes": len(b"epoch-3"), "object": None
+        }  # fmt: skip
         assert blobs["step"]["kind"] == "msgpack" and blobs["step"]["dtype"] is None
     assert sum(s["bytes"] for s in shown["shards"]) == shown["bytes"]
 
@@ -454,7 +457,7 @@ def test_gc_json_reports_what_it_deleted(location: str):
     assert dry["abandoned"] == ["crashed.0123456789ab"]
     assert set(dry) == {
         "location", "grace_seconds", "deleted", "aborted_uploads", "kept_recent", "skipped_epochs", "dry_run",
-        "abandoned", "completed_epochs",
+        "abandoned", "completed_epochs", "kept_referenced",
     }  # fmt: skip
     assert leftover.exists()
     assert invoke_json("gc", location, "--grace", "0")["deleted"] == dry["deleted"]

@@ -39,11 +39,11 @@ EPOCH2 = f"/{ROOT}/epochs/000000000002/"
 class Child:
     """The child job: started, read line by line (bounded waits), killed by its PID."""
 
-    def __init__(self, args: list[str], stderr_path: Path):
+    def __init__(self, args: list[str], stderr_path: Path, script: Path = CHILD):
         self._stderr_path = stderr_path
         self._stderr = stderr_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD), *args],
+            [sys.executable, str(script), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

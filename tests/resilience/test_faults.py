@@ -143,13 +143,6 @@ async def test_saves_and_loads_survive_random_faults(
     reported retries are deterministic."""
     proxy = make_proxy(seed=SEED, rate=0.10, max_delay=0.05)
     proxy.add_rule(lambda r: r.method == "PUT" and "/trainer_0.shard" in r.path, Respond(500, "InternalError"), times=1)
-    # (not a reset: aiohttp itself silently retries an idempotent request whose reused
-    # keep-alive connection was reset, so botocore would not count that retry)
-    proxy.add_rule(
-        lambda r: r.method == "GET" and r.path.endswith("/ps_0.shard"), Respond(500, "InternalError"), times=1
-    )
-    # a body that breaks off mid-stream: asyncckpt re-requests the rest itself
-    truncated = proxy.add_rule(lambda r: r.method == "GET" and r.path.endswith("/trainer_0.shard"), Truncate(), times=1)
     config = TransferConfig(part_size=5 * MiB, range_size=5 * MiB, retry_mode=retry_mode, max_attempts=8)
     size = {"big_bytes": big_mib * MiB}
     url = f"s3://{s3_bucket}/faulty"
@@ -161,6 +154,16 @@ async def test_saves_and_loads_survive_random_faults(
             fill(mgr, make_state(SEED, epoch, **size))
             await mgr.save(epoch)
             save_retries[epoch] = node_retries(await mgr.report_checkpoint_stats("checkpoint_save"))
+        # the sure read faults, for the loads (an incremental save reads shard tails too)
+        # (not a reset: aiohttp itself silently retries an idempotent request whose reused
+        # keep-alive connection was reset, so botocore would not count that retry)
+        proxy.add_rule(
+            lambda r: r.method == "GET" and r.path.endswith("/ps_0.shard"), Respond(500, "InternalError"), times=1
+        )
+        # a body that breaks off mid-stream: asyncckpt re-requests the rest itself
+        truncated = proxy.add_rule(
+            lambda r: r.method == "GET" and r.path.endswith("/trainer_0.shard"), Truncate(), times=1
+        )
         assert await mgr.get_resume_from_epoch_id() == epochs
         for epoch in range(1, epochs + 1):
             await load_and_check(mgr, epoch, SEED, **size)

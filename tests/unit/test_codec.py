@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -588,6 +589,37 @@ def test_crc32c_combine_doubles_a_run_of_zeros_up_to_a_mebibyte() -> None:
     while length < 1 << 20:
         crc, length = codec.checksum_combine(crc, crc, length), 2 * length
     assert crc == codec.checksum(bytes(1 << 20))
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def test_a_fingerprint_is_each_buffers_crc32c_and_the_xxh3_128_of_all_in_order() -> None:
+    parts = [memoryview(np.arange(n, dtype=np.uint8).tobytes()) for n in (0, 1, 300_000, 17)]
+    whole = b"".join(bytes(p) for p in parts)
+    crcs, digest = codec.fingerprint(parts)
+    assert crcs == [codec.checksum(p) for p in parts] and digest == xxhash.xxh3_128(whole).digest()
+    assert codec.combine_checksums(crcs, [p.nbytes for p in parts]) == codec.checksum(whole)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.ones((4, 5), dtype=np.float32), {"w": np.ones(2048, dtype=np.float32), "step": 3}, b"abc"],
+    ids=["ndarray", "tree", "bytes"],
+)
+def test_an_entry_with_a_digest_and_a_pointer_round_trips(value: Any) -> None:
+    blob = codec.encode_blob("w", value)
+    entry = blob.entry(96, 7, None, b"\x01" * 16, 2)
+    assert (entry.xxh3, entry.ref) == (b"\x01" * 16, 2)
+    assert BlobEntry.from_json(blob.entry_json(96, 7, None, b"\x01" * 16, 2), "w") == entry
+    assert BlobEntry.from_json(entry.to_json(), "w") == entry
+
+
+@pytest.mark.parametrize("fields", [{"xxh3": b"short"}, {"xxh3": "0" * 32}, {"ref": -1}, {"ref": True}])
+def test_a_malformed_digest_or_pointer_is_corrupted_error(fields: dict[str, Any]) -> None:
+    raw = {**codec.encode_blob("w", b"abc").entry_json(0, 1), **fields}
+    with pytest.raises(CheckpointCorruptedError, match="blob index entry"):
+        BlobEntry.from_json(raw, "w")
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -16,7 +16,7 @@ import pytest
 
 from asyncckpt import CheckpointCorruptedError, EpochManifest, NodeRecord, NodeStats, codec
 from asyncckpt.layout import index_key, receipt_key, shard_key
-from asyncckpt.manifest import Decision, EpochIndex
+from asyncckpt.manifest import Decision, EpochIndex, EpochRef, ObjectRef
 
 EPOCH = 7
 WRITER = "run0.0a1b2c"
@@ -255,3 +255,54 @@ def test_a_malformed_node_record_is_corrupted_error_naming_the_node() -> None:
         NodeRecord.from_json("trainer_0", {**raw, "size": "big"}, WHERE)
     with pytest.raises(CheckpointCorruptedError, match="trainer_0"):
         NodeRecord.from_json("trainer_0", {**raw, "shard": None}, WHERE)
+
+
+# --------------------------------------------------------------------------- format 3: pointers
+
+
+def shared_record(node: str = "trainer_0") -> NodeRecord:
+    stats = NodeStats(seconds=0.25, bytes=120, objects=1, requests=1, reused_bytes=4096)
+    refs = (ObjectRef(shard_key(3, "run0.000001", node), 5000), ObjectRef(shard_key(1, "run0.000002", node), 7000))
+    return dataclasses.replace(sample_record(node), stats=stats, refs=refs, base=EpochRef(6, "run0.000003"))
+
+
+def test_records_with_pointers_round_trip_as_format_3_and_others_stay_format_2() -> None:
+    shared = EpochIndex(EPOCH, WRITER, {"trainer_0": shared_record(), "trainer_1": sample_record("trainer_1")})
+    assert shared.version == 3 and sample_index().version == 2
+    assert parse_index(shared.to_json()) == shared
+    assert shared.referenced == {ref.key for ref in shared_record().refs} and shared.reused_bytes == 4096
+    manifest = EpochManifest.for_index(shared, index_key(EPOCH, WRITER), shared.to_json(), "msgpack")
+    raw = json.loads(manifest.to_json())
+    assert raw["version"] == 3 and raw["reused_bytes"] == 4096
+    assert EpochManifest.from_json(manifest.to_json(), WHERE) == manifest
+    assert json.loads(sample_manifest().to_json())["version"] == 2
+    decision = Decision(EPOCH, WRITER, "commit", manifest)
+    assert json.loads(decision.to_json())["version"] == 3
+    assert Decision.from_json(decision.to_json(), WHERE, epoch=EPOCH, writer_id=WRITER) == decision
+    record = shared_record()
+    assert NodeRecord.from_receipt(record.receipt_json(EPOCH, WRITER), WHERE) == (EPOCH, WRITER, record)
+
+
+@pytest.mark.parametrize(
+    "refs",
+    [
+        [{"key": "epochs/000000000007/run0.1/trainer_0.shard", "size": 1}],  # its own epoch
+        [{"key": "epochs/000000000003/run0.1/index.json", "size": 1}],  # not a shard
+        [{"key": "elsewhere/trainer_0.shard", "size": 1}],  # outside every epoch
+        [{"key": "epochs/000000000003/run0.1/trainer_0.shard", "size": -1}],
+        [{"key": "epochs/000000000003/run0.1/trainer_0.shard"}],
+        {"key": "epochs/000000000003/run0.1/trainer_0.shard", "size": 1},
+    ],
+)
+def test_a_record_pointing_at_what_is_not_a_shard_of_another_epoch_is_refused(refs: Any) -> None:
+    body = json.loads(EpochIndex(EPOCH, WRITER, {"trainer_0": shared_record()}).to_json())
+    body["nodes"]["trainer_0"]["refs"] = refs
+    with pytest.raises(CheckpointCorruptedError, match="trainer_0"):
+        parse_index(json.dumps(body).encode())
+
+
+def test_a_version_this_reader_does_not_know_is_refused_by_its_version() -> None:
+    body = manifest_tree()
+    body["version"] = 4
+    with pytest.raises(CheckpointCorruptedError, match="version 4"):
+        EpochManifest.from_json(json.dumps(body).encode(), WHERE)

@@ -48,7 +48,9 @@ skipped with the reason.
 
 ``--scale`` runs another benchmark instead (:mod:`._scale`): what the commit record,
 resume, multi-process commits, partial loads and the memory of a save cost as nodes,
-blobs and processes grow, with issue 9's targets.
+blobs and processes grow, with issue 9's targets. ``--incremental`` runs another
+(:mod:`._incremental`): the first vs the second save of a state whose arrays are 90%
+frozen, with issue 13's targets.
 
 Modules: ``_state`` (ops, the state, settings), ``_ops`` (the measured operations),
 ``_child`` (a measurement's process), ``_meters`` (``/proc`` and log readings), ``_run``
@@ -110,6 +112,13 @@ __all__ = ["OPS", "bench"]
     help="Run the scale benchmark instead: commit record, resume, multi-process commit, partial loads and save "
     "memory at 1024 nodes x 1000 blobs, 2-32 processes, 8000 blobs, 64 MiB-1 GiB (--quick: small sizes). "
     "Only --quick, --json, --budget-s and --op-timeout-s apply to it.",
+)
+@click.option(
+    "--incremental",
+    is_flag=True,
+    help="Run the incremental-save benchmark instead: 10 arrays, 9 frozen; the first vs the second save's wall "
+    "time and bytes uploaded (and the second without incremental, and with every array changed). "
+    "Only --state-mib, --reps, --quick and --json apply to it.",
 )
 @click.option(
     "--peers",
@@ -186,6 +195,7 @@ def bench(
     json_path: Path | None,
     quick: bool,
     scale: bool,
+    incremental: bool,
     peers: bool,
     servers: str,
     part_size_mib: float | None,
@@ -210,6 +220,9 @@ def bench(
 
     if scale:
         _bench_scale(quick, json_path, budget_s, op_timeout_s)
+        return
+    if incremental:
+        _bench_incremental(state_mib or (32 if quick else 192), reps or (1 if quick else 3), json_path)
         return
     if peers:
         params = BenchParams(
@@ -253,6 +266,19 @@ def bench(
         fail(exc)
     ran = any(r.get("n") for r in result["rows"].values())
     raise SystemExit(EXIT_OK if ran else EXIT_ERROR)
+
+
+def _bench_incremental(state_mib: float, reps: int, json_path: Path | None) -> None:
+    """``bench --incremental``: run :func:`~._incremental.run_incremental`."""
+    from rich.console import Console
+
+    from ._incremental import run_incremental  # loaded when the command runs
+
+    try:
+        run_coroutine(run_incremental(state_mib=state_mib, reps=reps, out_json=json_path, console=Console()))
+    except (RuntimeError, ValueError, OSError) as exc:
+        fail(exc)
+    raise SystemExit(EXIT_OK)
 
 
 def _bench_peers(params: BenchParams, servers: list[str], json_path: Path | None) -> None:
