@@ -146,10 +146,11 @@ def _random(dtype: Any = np.float64) -> np.ndarray[Any, Any]:
         (lambda: _random(), lambda a: torch.from_numpy(a.copy()), False),  # same bytes, another kind
         (lambda: torch.from_numpy(_random(np.float16)), lambda t: t.view(torch.bfloat16), False),  # another dtype
         (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"].copy(), "step": 1}, True),  # a tree
-        (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"], "step": 2}, False),  # its skeleton changed
+        (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"], "step": 2}, True),  # its skeleton: the leaf
+        (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"].astype(np.float32), "step": 1}, False),  # dtype
         (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"].reshape(-1, 2), "step": 1}, False),  # a leaf's
     ],
-    ids=["tensor", "numpy-then-torch", "f16-then-bf16", "tree", "tree-skeleton", "tree-leaf-shape"],
+    ids=["tensor", "numpy-then-torch", "f16-then-bf16", "tree", "tree-skeleton", "tree-leaf-dtype", "tree-leaf-shape"],
 )
 async def test_unchanged_means_the_same_bytes_kind_dtype_and_tree_layout(
     location: Any, first: Any, second: Any, reused: bool
