@@ -373,7 +373,8 @@ def _finish(
     the pieces covering the whole shard, the shard's), copy the fetched bytes of targets
     that were not read into directly, and build the values; ``where(ref)`` names the
     object of a piece. CPU work."""
-    crcs = {id(piece): codec.checksum(piece.data) for piece in (*pieces, *(framed or ()))}
+    every = {id(piece): piece for piece in (*pieces, *(framed or ()))}  # framed holds the shard's pieces too
+    crcs = {key: codec.checksum(piece.data) for key, piece in every.items()}
     parts: dict[str, list[_Piece]] = {}
     for piece in pieces:
         if piece.blob is not None:
