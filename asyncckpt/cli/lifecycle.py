@@ -59,7 +59,8 @@ class NodeContents:
         or, for a tree some of whose leaves are elsewhere, ``"leaves in epoch N[, M]"``."""
         if entry.ref is not None:
             return f"epoch {epoch_of_key(self.record.refs[entry.ref].key)}"
-        epochs = sorted({epoch_of_key(self.record.refs[leaf.ref].key) for leaf in entry.leaves if leaf.ref is not None})
+        keys = {self.record.refs[leaf.ref].key for leaf in entry.leaves if leaf.ref is not None}
+        epochs = sorted({epoch for key in keys if (epoch := epoch_of_key(key)) is not None})
         return f"leaves in epoch {', '.join(map(str, epochs))}" if epochs else ""
 
 
