@@ -42,6 +42,13 @@ Entries of an incremental save (format 3 records, see :mod:`.manifest`) may carr
 more fields: ``xxh3``, the 16-byte XXH3-128 digest of the payload (with the CRC32C, what
 the next save compares), and ``ref``, the number of the object in the node's record
 (``NodeRecord.refs``) that holds the payload at ``offset`` instead of this shard.
+
+A tree's leaves may carry them too (format 4 records): a leaf's ``xxh3`` is its own
+bytes' digest, and a leaf with ``ref`` is not in the blob's span at all: its bytes are
+at ``offset`` (absolute, not relative to the blob) of ``refs[ref]``. The blob's span
+(``offset``, ``length``, ``crc32c``) then holds the skeleton and, contiguously after it
+in leaf order, only the leaves without ``ref``; :attr:`BlobEntry.payload_length` is the
+whole payload's.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ __all__ = [
     "checksum_combine",
     "decode_blob",
     "decode_tree",
+    "tree_value",
     "leaf_array",
     "encode_blob",
     "encode_blobs",
@@ -177,10 +185,13 @@ class LeafEntry:
     shape: tuple[int, ...]
     order: str
     kind: str = "numpy"
+    xxh3: bytes | None = None  # XXH3-128 digest of the leaf's bytes (incremental saves)
+    ref: int | None = None  # the bytes live at ``offset`` of the node record's refs[ref]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"offset": self.offset, "length": self.length, "crc32c": self.crc32c}
         out.update(_array_json(self.dtype, self.shape, self.order, self.kind))
+        out.update(_reuse_fields(self.xxh3, self.ref))
         return out
 
     @classmethod
@@ -189,7 +200,8 @@ class LeafEntry:
             raise TypeError("leaf entry is not a map")
         offset, length, crc = _span_fields(raw)
         dtype, shape, order, kind = _array_fields(raw, length)
-        return cls(offset, length, crc, dtype, shape, order, kind)
+        digest, ref = _reuse_fields_of(raw)
+        return cls(offset, length, crc, dtype, shape, order, kind, digest, ref)
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,16 @@ class BlobEntry:
     leaves: tuple[LeafEntry, ...] = ()
     xxh3: bytes | None = None  # XXH3-128 digest of the payload (incremental saves)
     ref: int | None = None  # the payload lives in the node record's refs[ref], not in this shard
+
+    @property
+    def payload_length(self) -> int:
+        """The whole payload's length: ``length`` and the leaves stored in other objects."""
+        return self.length + sum(leaf.length for leaf in self.leaves if leaf.ref is not None)
+
+    @property
+    def leaf_refs(self) -> bool:
+        """Whether some of the tree's leaves live in other objects (format 4)."""
+        return any(leaf.ref is not None for leaf in self.leaves)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -254,16 +276,24 @@ class BlobEntry:
                 entry = cls(offset, length, encoding, crc, stateful=stateful, skeleton=skeleton, leaves=leaves)
             else:
                 entry = cls(offset, length, encoding, crc, stateful=stateful)
-            digest, ref = raw.get("xxh3"), raw.get("ref")
-            if digest is not None and (not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE):
-                raise ValueError("xxh3 must be 16 bytes")
-            if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
-                raise ValueError("ref must be a non-negative int")
+            digest, ref = _reuse_fields_of(raw)
+            if ref is not None and entry.leaf_refs:
+                raise ValueError("a blob stored in another object has leaves stored in others")
             return replace(entry, xxh3=digest, ref=ref) if digest is not None or ref is not None else entry
         except CheckpointError as exc:
             raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointCorruptedError(f"invalid blob index entry for {where}: {exc}") from None
+
+
+def _reuse_fields_of(raw: Mapping[str, Any]) -> tuple[bytes | None, int | None]:
+    """The ``xxh3`` and ``ref`` fields of an entry or a leaf, checked."""
+    digest, ref = raw.get("xxh3"), raw.get("ref")
+    if digest is not None and (not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE):
+        raise ValueError("xxh3 must be 16 bytes")
+    if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 0):
+        raise ValueError("ref must be a non-negative int")
+    return digest, ref
 
 
 def _span_fields(raw: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -300,8 +330,8 @@ def _array_fields(raw: Mapping[str, Any], length: int) -> tuple[str, tuple[int, 
 
 
 def _tree_fields(raw: Mapping[str, Any], length: int) -> tuple[int, tuple[LeafEntry, ...]]:
-    """The skeleton length and the leaves of a tree entry: the leaves follow the skeleton
-    one after the other, up to the blob's end."""
+    """The skeleton length and the leaves of a tree entry: the leaves without ``ref``
+    follow the skeleton one after the other, up to the blob's end."""
     skeleton, leaves_raw = raw["skeleton"], raw["leaves"]
     if not isinstance(skeleton, int) or isinstance(skeleton, bool) or not 0 < skeleton <= length:
         raise ValueError("bad skeleton length")
@@ -310,6 +340,8 @@ def _tree_fields(raw: Mapping[str, Any], length: int) -> tuple[int, tuple[LeafEn
     leaves = tuple(LeafEntry.from_json(leaf) for leaf in leaves_raw)
     end = skeleton
     for leaf in leaves:
+        if leaf.ref is not None:
+            continue
         if leaf.offset != end:
             raise ValueError("tree leaves are not contiguous after the skeleton")
         end += leaf.length
@@ -336,10 +368,10 @@ class EncodedLeaf:
         shape = tuple(self.stored.shape)
         return shape[::-1] if self.order == "F" else shape  # an F-ordered array is stored transposed
 
-    def entry(self, offset: int, crc: int) -> LeafEntry:
+    def entry(self, offset: int, crc: int, xxh3: bytes | None = None, ref: int | None = None) -> LeafEntry:
         spec = arrays.dtype_spec(self.stored.dtype)
         assert spec is not None
-        return LeafEntry(offset, int(self.stored.nbytes), crc, spec, self.shape, self.order, self.kind)
+        return LeafEntry(offset, int(self.stored.nbytes), crc, spec, self.shape, self.order, self.kind, xxh3, ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,16 +428,27 @@ class EncodedBlob:
         shape = tuple(self.source.shape)
         return shape[::-1] if self.order == "F" else shape  # an F-ordered array is stored transposed
 
-    def _leaf_entries(self, leaf_crcs: Sequence[int] | None) -> tuple[LeafEntry, ...]:
+    def _leaf_entries(
+        self,
+        leaf_crcs: Sequence[int] | None,
+        leaf_digests: Sequence[bytes | None] | None,
+        leaf_refs: Mapping[int, tuple[int, int]] | None,
+    ) -> tuple[LeafEntry, ...]:
         if leaf_crcs is None:
             leaf_crcs = [checksum(leaf.payload) for leaf in self.leaves]
         if len(leaf_crcs) != len(self.leaves):
             raise ValueError(f"blob {self.name!r} has {len(self.leaves)} leaves, got {len(leaf_crcs)} CRCs")
+        digests = leaf_digests if leaf_digests is not None else [None] * len(self.leaves)
+        refs = leaf_refs or {}
         offset = len(self.source)
         out = []
-        for leaf, crc in zip(self.leaves, leaf_crcs):
-            out.append(leaf.entry(offset, crc))
-            offset += int(leaf.stored.nbytes)
+        for number, (leaf, crc, digest) in enumerate(zip(self.leaves, leaf_crcs, digests, strict=True)):
+            if number in refs:
+                ref, at = refs[number]
+                out.append(leaf.entry(at, crc, digest, ref))
+            else:
+                out.append(leaf.entry(offset, crc, digest))
+                offset += int(leaf.stored.nbytes)
         return tuple(out)
 
     def entry(
@@ -415,10 +458,14 @@ class EncodedBlob:
         leaf_crcs: Sequence[int] | None = None,
         xxh3: bytes | None = None,
         ref: int | None = None,
+        leaf_digests: Sequence[bytes | None] | None = None,
+        leaf_refs: Mapping[int, tuple[int, int]] | None = None,
     ) -> BlobEntry:
         """The blob's index entry at ``offset`` with CRC32C ``crc``; ``leaf_crcs`` are the
         CRC32Cs of a tree's leaves (computed here when not given); ``xxh3`` and ``ref``:
-        the fields of an incremental save."""
+        the fields of an incremental save; ``leaf_digests``: each leaf's XXH3-128 (or
+        ``None``); ``leaf_refs``: leaf number -> (ref, absolute offset in that object) of
+        the leaves not written in this blob's span (then ``crc`` is the span's CRC32C)."""
         if self.encoding == "ndarray":
             return BlobEntry(
                 offset,
@@ -434,10 +481,10 @@ class EncodedBlob:
                 ref=ref,
             )
         if self.encoding == "tree":
-            leaves = self._leaf_entries(leaf_crcs)
+            leaves = self._leaf_entries(leaf_crcs, leaf_digests, leaf_refs)
             return BlobEntry(
                 offset,
-                self.length,
+                self.length - sum(leaf.length for leaf in leaves if leaf.ref is not None),
                 self.encoding,
                 crc,
                 stateful=self.stateful,
@@ -455,6 +502,8 @@ class EncodedBlob:
         leaf_crcs: Sequence[int] | None = None,
         xxh3: bytes | None = None,
         ref: int | None = None,
+        leaf_digests: Sequence[bytes | None] | None = None,
+        leaf_refs: Mapping[int, tuple[int, int]] | None = None,
     ) -> dict[str, Any]:
         """:meth:`BlobEntry.to_json` of :meth:`entry`."""
         if self.encoding != "tree":  # the hot path of shards of many small blobs: no entry object
@@ -466,7 +515,7 @@ class EncodedBlob:
                 out["stateful"] = True
             out.update(_reuse_fields(xxh3, ref))
             return out
-        return self.entry(offset, crc, leaf_crcs, xxh3, ref).to_json()
+        return self.entry(offset, crc, leaf_crcs, xxh3, ref, leaf_digests, leaf_refs).to_json()
 
 
 def combine_checksums(crcs: Sequence[int], lengths: Sequence[int]) -> int:
@@ -683,13 +732,15 @@ class ShardIndex:
         leaf_crcs: Sequence[int] | None = None,
         xxh3: bytes | None = None,
         ref: int | None = None,
+        leaf_digests: Sequence[bytes | None] | None = None,
+        leaf_refs: Mapping[int, tuple[int, int]] | None = None,
     ) -> None:
         """The entry of ``blob``, whose payload starts at ``offset`` and has CRC32C ``crc``
         (``leaf_crcs``: its leaves', for a tree; computed when not given) and XXH3-128
         digest ``xxh3``; with ``ref``, at ``offset`` of the record's ``refs[ref]`` instead
-        of this shard."""
+        of this shard (``leaf_digests``, ``leaf_refs``: see :meth:`EncodedBlob.entry`)."""
         self._body += self._packer.pack(blob.name)
-        self._body += self._packer.pack(blob.entry_json(offset, crc, leaf_crcs, xxh3, ref))
+        self._body += self._packer.pack(blob.entry_json(offset, crc, leaf_crcs, xxh3, ref, leaf_digests, leaf_refs))
         self._missing -= 1
 
     def trailer(self, index_offset: int) -> tuple[bytearray, int]:
@@ -721,7 +772,7 @@ def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob], *, fingerprint
     for blob in blobs:
         widest = [0xFFFFFFFF] * len(blob.leaves)
         entries += len(packer.pack(blob.name)) + len(packer.pack(blob.entry_json(offset, 0xFFFFFFFF, widest)))
-        entries += REUSE_FIELDS_BOUND if fingerprinted else 0
+        entries += REUSE_FIELDS_BOUND * (1 + len(blob.leaves)) if fingerprinted else 0
         offset += blob.length
         count += 1
     return offset + len(packer.pack_map_header(count)) + entries + TRAILER_SIZE
@@ -730,8 +781,9 @@ def shard_size_bound(header: bytes, blobs: Iterable[EncodedBlob], *, fingerprint
 # --------------------------------------------------------------------------- fingerprints
 
 DIGEST_SIZE = 16  # XXH3-128
-#: The most bytes ``xxh3`` and ``ref`` add to one packed index entry (for size bounds).
-REUSE_FIELDS_BOUND = 32
+#: The most bytes ``xxh3`` and ``ref`` add to one packed index entry or leaf, with a
+#: leaf's absolute offset in another object (for size bounds).
+REUSE_FIELDS_BOUND = 40
 _FINGERPRINT_CHUNK = 256 << 10  # hashed in cache-sized chunks: each byte is read from memory once
 
 
@@ -744,19 +796,26 @@ def _reuse_fields(xxh3: bytes | None, ref: int | None) -> dict[str, Any]:
     return out
 
 
-def fingerprint(buffers: Iterable[memoryview]) -> tuple[list[int], bytes]:
-    """The CRC32C of each of ``buffers`` and the XXH3-128 digest of all of them written
-    one after another, in one pass (chunk by chunk, so each byte comes from memory
-    once). CPU work, GIL released."""
-    crcs, digest = [], xxhash.xxh3_128()
+def fingerprint(
+    buffers: Iterable[memoryview], each_min: int | None = None
+) -> tuple[list[int], bytes, list[bytes | None]]:
+    """The CRC32C of each of ``buffers``, the XXH3-128 digest of all of them written one
+    after another and, with ``each_min``, the XXH3-128 of each buffer of at least that
+    many bytes on its own (``None`` for the others), in one pass (chunk by chunk, so
+    each byte comes from memory once). CPU work, GIL released."""
+    crcs, digest, each = [], xxhash.xxh3_128(), []
     for buffer in buffers:
         crc = 0
+        own = xxhash.xxh3_128() if each_min is not None and buffer.nbytes >= each_min else None
         for start in range(0, buffer.nbytes, _FINGERPRINT_CHUNK):
             chunk = buffer[start : start + _FINGERPRINT_CHUNK]
             crc = checksum(chunk, crc)
             digest.update(chunk)
+            if own is not None:
+                own.update(chunk)
         crcs.append(crc)
-    return crcs, digest.digest()
+        each.append(None if own is None else own.digest())
+    return crcs, digest.digest(), each
 
 
 # --------------------------------------------------------------------------- decode
@@ -892,14 +951,27 @@ def decode_tree(entry: BlobEntry, skeleton: memoryview, leaf: Callable[[int], An
     return value
 
 
-def _tree_value(entry: BlobEntry, payload: memoryview) -> Any:
-    assert entry.skeleton is not None
+def tree_value(entry: BlobEntry, skeleton: memoryview, leaf_bytes: Callable[[int], memoryview]) -> Any:
+    """The value of a ``"tree"`` blob from its skeleton's bytes and ``leaf_bytes(n)``,
+    leaf ``n``'s bytes (wherever they are stored)."""
 
     def leaf(number: int) -> Any:
         spec = entry.leaves[number]
-        return arrays.from_host(leaf_array(spec, payload[spec.offset : spec.offset + spec.length]), spec.kind)
+        return arrays.from_host(leaf_array(spec, leaf_bytes(number)), spec.kind)
 
-    return decode_tree(entry, payload[: entry.skeleton], leaf)
+    return decode_tree(entry, skeleton, leaf)
+
+
+def _tree_value(entry: BlobEntry, payload: memoryview) -> Any:
+    assert entry.skeleton is not None
+    if entry.leaf_refs:
+        raise ValueError("some leaves are stored in other objects")
+
+    def leaf_bytes(number: int) -> memoryview:
+        spec = entry.leaves[number]
+        return payload[spec.offset : spec.offset + spec.length]
+
+    return tree_value(entry, payload[: entry.skeleton], leaf_bytes)
 
 
 def decode_blob(entry: BlobEntry, payload: memoryview, where: str, *, verify: bool = True) -> Any:

@@ -19,8 +19,13 @@ epochs that hold some of its blobs (each with its size), and ``base``, the commi
 epoch those pointers were taken from. Records are written as version 3 exactly when
 they (or, for an index, a manifest or a decision, any of their nodes) carry ``refs``,
 and as version 2 otherwise, so that a location saved without reuse stays readable by
-format 2 readers; a format 2 reader refuses a version 3 record by its version. Format 1
-manifests (the whole index inline) are still read.
+format 2 readers; a format 2 reader refuses a version 3 record by its version.
+
+Format 4 (reuse per leaf): a node's record says ``leaf_refs`` when leaves of its tree
+blobs point at objects of other epochs (:mod:`.codec`); such records, and the indexes,
+manifests and decisions holding one, are written as version 4, which a format 3 reader
+refuses by its version (it would take a leaf's absolute offset in another object for
+one in the blob's span). Format 1 manifests (the whole index inline) are still read.
 """
 
 from __future__ import annotations
@@ -68,15 +73,17 @@ MANIFEST_FORMAT = "asyncckpt/manifest"
 INDEX_FORMAT = "asyncckpt/index"
 RECEIPT_FORMAT = "asyncckpt/receipt"
 DECISION_FORMAT = "asyncckpt/decision"
-MANIFEST_VERSION = 3  # the newest format: records may point at objects of other epochs
+MANIFEST_VERSION = 4  # the newest format: tree leaves may point at objects of other epochs
+_SHARED_VERSION = 3  # records whose blobs (whole) point at objects of other epochs
 _PLAIN_VERSION = 2  # records without such pointers are still written as version 2
-_RECORD_VERSIONS = (_PLAIN_VERSION, MANIFEST_VERSION)  # of indexes, receipts, decisions
+_RECORD_VERSIONS = (_PLAIN_VERSION, _SHARED_VERSION, MANIFEST_VERSION)  # of indexes, receipts, decisions
 VERDICTS = ("commit", "abort", "abandoned")
 
 
-def _version(shared: bool) -> int:
-    """The version a record is written as: 3 if it points at objects of other epochs."""
-    return MANIFEST_VERSION if shared else _PLAIN_VERSION
+def _version(shared: bool, leaf_refs: bool = False) -> int:
+    """The version a record is written as: 4 if leaves of its trees point at objects of
+    other epochs, 3 if only whole blobs do, else 2."""
+    return MANIFEST_VERSION if leaf_refs else _SHARED_VERSION if shared else _PLAIN_VERSION
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,12 @@ class NodeRecord:
     index_crc32c: int | None = None  # CRC32C of the shard's blob index (format 1: not recorded)
     refs: tuple[ObjectRef, ...] = ()
     base: EpochRef | None = None
+    leaf_refs: bool = False  # format 4: leaves of its trees point into ``refs`` too
+
+    @property
+    def version(self) -> int:
+        """The record format this record needs (2, 3 or 4)."""
+        return _version(bool(self.refs), self.leaf_refs)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -178,6 +191,8 @@ class NodeRecord:
             out["refs"] = [{"key": ref.key, "size": ref.size} for ref in self.refs]
             if self.base is not None:
                 out["base"] = {"epoch": self.base.epoch, "writer_id": self.base.writer_id}
+            if self.leaf_refs:
+                out["leaf_refs"] = True
         out["stats"] = self.stats.to_json()
         return out
 
@@ -195,13 +210,16 @@ class NodeRecord:
             if crc >= 1 << 32 or (index_crc or 0) >= 1 << 32:
                 raise ValueError("crc32c out of range")
             refs, base = _refs(raw.get("refs", [])), _base(raw.get("base"))
+            leaf_refs = raw.get("leaf_refs", False)
+            if not isinstance(leaf_refs, bool) or (leaf_refs and not refs):
+                raise ValueError("bad leaf_refs flag")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorruptedError(f"{where}: invalid record of node {node!r}: {exc}") from None
         stats = NodeStats.from_json(raw.get("stats"))
-        return cls(node, shard, size, crc, stats, receipt, index_crc, refs, base)
+        return cls(node, shard, size, crc, stats, receipt, index_crc, refs, base, leaf_refs)
 
     def receipt_json(self, epoch: int, writer_id: str) -> bytes:
-        body = {"format": RECEIPT_FORMAT, "version": _version(bool(self.refs)), "epoch": epoch, "writer_id": writer_id}
+        body = {"format": RECEIPT_FORMAT, "version": self.version, "epoch": epoch, "writer_id": writer_id}
         body.update(node=self.node, **self.to_json())
         return json.dumps(body, indent=1).encode()
 
@@ -247,7 +265,7 @@ class EpochIndex:
 
     @property
     def version(self) -> int:
-        return _version(any(record.refs for record in self.nodes.values()))
+        return max((record.version for record in self.nodes.values()), default=_PLAIN_VERSION)
 
     def to_json(self) -> bytes:
         body = {
@@ -333,7 +351,7 @@ class EpochManifest:
             "index": {"key": self.index, "size": self.index_size, "crc32c": self.index_crc32c},
             "metrics": dict(self.metrics),
         }
-        if self.version >= MANIFEST_VERSION:
+        if self.version >= _SHARED_VERSION:
             out["reused_bytes"] = self.reused_bytes
         return out
 
@@ -390,7 +408,7 @@ class EpochManifest:
                 raw["nodes"],
                 raw["bytes"],
             )
-            reused = raw.get("reused_bytes", 0) if version == MANIFEST_VERSION else 0
+            reused = raw.get("reused_bytes", 0) if version >= _SHARED_VERSION else 0
             _check_unsigned(size, crc, count, total, reused)
             _check_key(key, found, where)
         except (KeyError, TypeError, ValueError) as exc:

@@ -11,6 +11,11 @@ and XXH3-128 in one pass, before any of its bytes are sent); a blob whose finger
 layout equal its entry in the epoch the save builds on is not written again: its entry
 points at the object that already holds those bytes (``ref``, see :mod:`.manifest`), and
 readers fetch it from there with a ranged GET (:meth:`ShardReader.read_referenced`).
+Inside a tree blob that changed (a module's state dict with a frozen backbone and a
+trained head), each leaf of at least :data:`REUSE_MIN` bytes is compared the same way
+with the leaf of the same number in the base's blob of the same name
+(:meth:`PriorBlobs.reusable_leaves`): an unchanged leaf points at the bytes already
+stored (format 4 records), the skeleton and the changed leaves are written.
 """
 
 from __future__ import annotations
@@ -18,15 +23,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import arrays, codec
 from ._tasks import run_all
 from .codec import BlobEntry, EncodedBlob
 from .config import TransferConfig
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
+from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError, ObjectTooShortError
 from .manifest import EpochRef, NodeRecord, NodeStats, ObjectRef
 from .progress import advance
 from .storage import ByteBudget, ObjectWriter, Storage, collect_request_stats
@@ -52,18 +57,51 @@ class PriorBlobs:
     entries: Mapping[str, BlobEntry]
 
     def reusable(
-        self, blob: EncodedBlob, crc: int, leaf_crcs: Sequence[int] | None, xxh3: bytes
+        self,
+        blob: EncodedBlob,
+        crc: int,
+        leaf_crcs: Sequence[int] | None,
+        xxh3: bytes,
+        leaf_digests: Sequence[bytes | None] | None = None,
     ) -> tuple[BlobEntry, ObjectRef] | None:
         """The entry of ``blob`` in ``base`` and the object holding its bytes, if its
         bytes (CRC32C, XXH3-128, length) and its layout are the same (encoding, dtype
         name, shape, order, kind: numpy, torch or jax; ``stateful``; a tree's skeleton
-        length and every leaf's offset, length, CRC32C and layout); else ``None``."""
+        length and every leaf's offset, length, CRC32C, digest and layout, none of them
+        stored elsewhere); else ``None``."""
         entry = self.entries.get(blob.name)
-        if entry is None or entry.xxh3 is None or blob.entry(entry.offset, crc, leaf_crcs, xxh3, entry.ref) != entry:
+        if entry is None or entry.xxh3 is None:
             return None
-        if entry.ref is None:
-            return entry, ObjectRef(self.record.shard, self.record.size)
-        return entry, self.record.refs[entry.ref]
+        if blob.entry(entry.offset, crc, leaf_crcs, xxh3, entry.ref, leaf_digests) != entry:
+            return None
+        return entry, self._holder(entry.ref)
+
+    def reusable_leaves(
+        self, blob: EncodedBlob, leaf_crcs: Sequence[int], leaf_digests: Sequence[bytes | None]
+    ) -> dict[int, tuple[ObjectRef, int]]:
+        """Leaf number -> (the object holding its bytes, their absolute offset there) for
+        each leaf of the tree ``blob`` whose bytes (length, CRC32C, XXH3-128) and layout
+        (dtype name, shape, order, kind) equal the leaf of the same number of the base's
+        tree of the same name. Matching is by number, so two leaves never point at the
+        same bytes; what the skeleton says around them (keys, small inline arrays) may
+        differ: the skeleton is written again."""
+        entry = self.entries.get(blob.name)
+        if entry is None or entry.encoding != "tree":
+            return {}
+        found: dict[int, tuple[ObjectRef, int]] = {}
+        new = blob.entry(0, 0, leaf_crcs, None, None, leaf_digests).leaves
+        for number, (mine, theirs) in enumerate(zip(new, entry.leaves)):
+            if mine.xxh3 is None or mine != replace(theirs, offset=mine.offset, ref=None):
+                continue
+            if theirs.ref is not None:  # the base pointed already: at the object holding the bytes
+                found[number] = (self.record.refs[theirs.ref], theirs.offset)
+            else:
+                found[number] = (self._holder(entry.ref), entry.offset + theirs.offset)
+        return found
+
+    def _holder(self, ref: int | None) -> ObjectRef:
+        """The object of ``base`` holding bytes at an entry's offset: its shard, or ``refs[ref]``."""
+        return ObjectRef(self.record.shard, self.record.size) if ref is None else self.record.refs[ref]
 
 
 @dataclass
@@ -94,6 +132,7 @@ class ShardWriter:
         started = time.perf_counter()
         refs: dict[ObjectRef, int] = {}  # the objects reused blobs live in, numbered in order of use
         reused = 0
+        leaf_reuse = False  # some leaves point at other objects: a format 4 record
         with collect_request_stats() as stats:
             header = codec.shard_header(self.node)
             size_hint = codec.shard_size_bound(header, encoded, fingerprinted=self.incremental)
@@ -105,28 +144,45 @@ class ShardWriter:
                 for blob in encoded:
                     views = blob.buffers
                     xxh3: bytes | None = None
+                    digests: list[bytes | None] | None = None
                     if self.incremental and blob.length >= REUSE_MIN:
+                        each = REUSE_MIN if blob.leaves else None
                         if blob.length >= _THREAD_MIN:
-                            crcs, xxh3 = await asyncio.to_thread(codec.fingerprint, views)
+                            crcs, xxh3, digests = await asyncio.to_thread(codec.fingerprint, views, each)
                         else:
-                            crcs, xxh3 = codec.fingerprint(views)
+                            crcs, xxh3, digests = codec.fingerprint(views, each)
                     else:
                         crcs = [await _checksum(view) for view in views]
                     blob_crc = codec.combine_checksums(crcs, [view.nbytes for view in views])
-                    leaf_crcs = crcs[1:] if blob.leaves else None
+                    leaf_crcs, leaf_digests = (
+                        (crcs[1:], digests[1:] if digests else None) if blob.leaves else (None, None)
+                    )
                     found = None
                     if prior is not None and xxh3 is not None:
-                        found = prior.reusable(blob, blob_crc, leaf_crcs, xxh3)
+                        found = prior.reusable(blob, blob_crc, leaf_crcs, xxh3, leaf_digests)
                     if found is not None:  # unchanged: point at the bytes already stored
                         entry, stored_in = found
-                        index.add(blob, entry.offset, blob_crc, leaf_crcs, xxh3, refs.setdefault(stored_in, len(refs)))
+                        ref = refs.setdefault(stored_in, len(refs))
+                        index.add(blob, entry.offset, blob_crc, leaf_crcs, xxh3, ref, leaf_digests)
                         reused += blob.length
                         advance(blob.length)
                         continue
-                    for view, crc in zip(views, crcs):
+                    leaf_refs: dict[int, tuple[int, int]] = {}
+                    if prior is not None and leaf_crcs is not None and leaf_digests is not None:
+                        for number, (stored_in, at) in prior.reusable_leaves(blob, leaf_crcs, leaf_digests).items():
+                            leaf_refs[number] = (refs.setdefault(stored_in, len(refs)), at)
+                    # the span holds the skeleton and the leaves not pointed at (all, usually)
+                    written = [(view, crc) for n, (view, crc) in enumerate(zip(views, crcs)) if n - 1 not in leaf_refs]
+                    for view, crc in written:
                         await out.write(view, crc)
-                    index.add(blob, offset, blob_crc, leaf_crcs, xxh3)
-                    offset += blob.length
+                    length = sum(view.nbytes for view, _ in written)
+                    if leaf_refs:
+                        leaf_reuse = True
+                        blob_crc = codec.combine_checksums([crc for _, crc in written], [v.nbytes for v, _ in written])
+                        reused += blob.length - length
+                        advance(blob.length - length)
+                    index.add(blob, offset, blob_crc, leaf_crcs, xxh3, None, leaf_digests, leaf_refs)
+                    offset += length
                 trailer, index_crc = index.trailer(offset)
                 await out.write(trailer)
                 await out.flush()
@@ -139,7 +195,7 @@ class ShardWriter:
             receipt_key = receipt[0] if receipt else None
             base = prior.base if prior is not None and refs else None
             record = NodeRecord(
-                self.node, shard_key, size, out.crc, node_stats, receipt_key, index_crc, tuple(refs), base
+                self.node, shard_key, size, out.crc, node_stats, receipt_key, index_crc, tuple(refs), base, leaf_reuse
             )
             if receipt is not None:
                 key, epoch, writer_id = receipt
@@ -272,8 +328,10 @@ class ShardReader:
         await self.check_size()
         data = await self.fetch(0, self.record.size)
         values = await asyncio.to_thread(self.decode, data)
-        if self.record.refs:  # format 3: some blobs live in objects of other epochs
-            values.update(await self.read_referenced(await asyncio.to_thread(self._referenced_entries, data)))
+        if self.record.refs:  # format 3: some blobs (format 4: some leaves) live in objects of other epochs
+            entries = await asyncio.to_thread(self._referenced_entries, data)
+            values.update(await self.read_referenced({n: e for n, e in entries.items() if e.ref is not None}))
+            values.update(await self._read_trees(data, {n: e for n, e in entries.items() if e.leaf_refs}))
         return values
 
     def decode(self, data: memoryview) -> dict[str, Any]:
@@ -288,6 +346,7 @@ class ShardReader:
             raise CheckpointCorruptedError(f"{where}: shard belongs to node {header.get('node')!r}")
         index = self._parse_index(data[data.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: data[lo:hi])
         index = {name: entry for name, entry in index.items() if entry.ref is None}  # see read_referenced
+        # (the spans of trees with leaves in other objects are checked here, decoded by _read_trees)
         crcs = {name: codec.checksum(data[e.offset : e.offset + e.length]) for name, e in index.items()}
         for name, entry in index.items():
             if crcs[name] != entry.crc32c:
@@ -299,6 +358,7 @@ class ShardReader:
                 entry, data[entry.offset : entry.offset + entry.length], f"{where}, blob {name!r}", verify=False
             )
             for name, entry in index.items()
+            if not entry.leaf_refs
         }
 
     def _parse_index(self, trailer: memoryview, body_at: Callable[[int, int], memoryview]) -> dict[str, BlobEntry]:
@@ -314,6 +374,13 @@ class ShardReader:
                     raise CheckpointCorruptedError(f"{where}, blob {name!r}: points outside the objects of its record")
             elif entry.offset + entry.length > offset:
                 raise CheckpointCorruptedError(f"{where}, blob {name!r}: lies outside the shard's payloads")
+            for number, leaf in enumerate(entry.leaves):
+                if leaf.ref is not None and (
+                    leaf.ref >= len(self.record.refs) or leaf.offset + leaf.length > self.record.refs[leaf.ref].size
+                ):
+                    raise CheckpointCorruptedError(
+                        f"{where}, blob {name!r}: leaf {number} points outside the objects of its record"
+                    )
         return index
 
     async def read_index(self) -> dict[str, BlobEntry]:
@@ -334,9 +401,68 @@ class ShardReader:
         return PriorBlobs(base, self.record, await self.read_index())
 
     def _referenced_entries(self, data: memoryview) -> dict[str, BlobEntry]:
-        """The entries of the whole shard ``data`` whose bytes live in other objects."""
+        """The entries of the whole shard ``data`` whose bytes, or some of whose leaves'
+        bytes, live in other objects."""
         index = self._parse_index(data[data.nbytes - codec.TRAILER_SIZE :], lambda lo, hi: data[lo:hi])
-        return {name: entry for name, entry in index.items() if entry.ref is not None}
+        return {name: entry for name, entry in index.items() if entry.ref is not None or entry.leaf_refs}
+
+    def holder(self, ref: int) -> ShardReader:
+        """A reader of ``record.refs[ref]``, an object of another epoch holding some of
+        this node's bytes (its blob index is not this node's: read only byte ranges)."""
+        stored_in = self.record.refs[ref]
+        return ShardReader(
+            self.storage, self.node, NodeRecord(self.node, stored_in.key, stored_in.size, 0), self.config
+        )
+
+    async def _read_trees(self, data: memoryview, entries: Mapping[str, BlobEntry]) -> dict[str, Any]:
+        """The tree blobs of ``entries``, whose spans are in the (verified) shard ``data``
+        and some of whose leaves are in other objects: those leaves are fetched with
+        ranged GETs (each object's size checked first), each checked against its CRC32C."""
+        holders = {
+            leaf.ref: self.holder(leaf.ref) for e in entries.values() for leaf in e.leaves if leaf.ref is not None
+        }
+        await run_all((holder.check_size() for holder in holders.values()), self.config.max_concurrency)
+        wanted = [(name, n) for name, e in entries.items() for n, leaf in enumerate(e.leaves) if leaf.ref is not None]
+
+        def fetch(name: str, number: int) -> Awaitable[memoryview]:
+            leaf = entries[name].leaves[number]
+            assert leaf.ref is not None
+            return holders[leaf.ref].fetch(leaf.offset, leaf.offset + leaf.length)
+
+        got = await run_all((fetch(name, n) for name, n in wanted), self.config.max_concurrency)
+        fetched = dict(zip(wanted, got))
+
+        def decode() -> dict[str, Any]:
+            out = {}
+            for (name, number), buffer in fetched.items():
+                leaf = entries[name].leaves[number]
+                assert leaf.ref is not None
+                if codec.checksum(buffer) != leaf.crc32c:
+                    raise CheckpointCorruptedError(
+                        f"{holders[leaf.ref].where()}, blob {name!r}: CRC32C mismatch in leaf {number} "
+                        "(stored bytes are corrupted)"
+                    )
+            for name, entry in entries.items():
+                assert entry.skeleton is not None
+                start = entry.offset
+
+                def leaf_bytes(number: int, entry: BlobEntry = entry, name: str = name) -> memoryview:
+                    leaf = entry.leaves[number]
+                    if leaf.ref is not None:
+                        return fetched[(name, number)]
+                    return data[entry.offset + leaf.offset : entry.offset + leaf.offset + leaf.length]
+
+                try:
+                    out[name] = codec.tree_value(entry, data[start : start + entry.skeleton], leaf_bytes)
+                except CheckpointError as exc:  # a framework or dtype library this blob needs is missing
+                    raise type(exc)(f"{self.where()}, blob {name!r}: {exc}") from None
+                except Exception as exc:  # verified bytes that do not decode
+                    raise CheckpointCorruptedError(
+                        f"{self.where()}, blob {name!r}: blob does not decode ({type(exc).__name__}: {exc})"
+                    ) from None
+            return out
+
+        return await asyncio.to_thread(decode)
 
     async def read_referenced(self, entries: Mapping[str, BlobEntry]) -> dict[str, Any]:
         """The blobs of ``entries`` (each with ``ref``), fetched with ranged GETs from the
@@ -348,10 +474,7 @@ class ShardReader:
             groups.setdefault(entry.ref, {})[name] = entry
 
         async def read_group(ref: int, group: dict[str, BlobEntry]) -> dict[str, Any]:
-            stored_in = self.record.refs[ref]
-            holder = ShardReader(
-                self.storage, self.node, NodeRecord(self.node, stored_in.key, stored_in.size, 0), self.config
-            )
+            holder = self.holder(ref)
             await holder.check_size()
             return await holder.read_some(group)
 
@@ -363,7 +486,8 @@ class ShardReader:
         return values
 
     async def read_some(self, wanted: Mapping[str, BlobEntry]) -> dict[str, Any]:
-        """Only the ``wanted`` blobs (entries of :meth:`read_index`), fetched with ranged
+        """Only the ``wanted`` blobs (entries of :meth:`read_index`, none with leaves
+        stored in other objects), fetched with ranged
         GETs of their bytes: blobs at most ``config.coalesce_gap`` bytes apart share one
         request. Each blob is checked against its CRC32C."""
         if not wanted:

@@ -41,7 +41,7 @@ from ._tasks import run_all
 from .codec import BlobEntry, LeafEntry
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
-from .manifest import EpochIndex, NodeRecord, NodeStats
+from .manifest import EpochIndex, NodeStats
 from .node import ShardReader
 from .storage import Storage
 from .transfer import plan_partial_load, read_nodes
@@ -184,8 +184,9 @@ async def _settle(tasks: set[asyncio.Task[Any]]) -> bool:
 
 @dataclass
 class _Piece:
-    """A byte range of the shard that is checked on its own: a blob, a tree's skeleton or
-    leaf, or the bytes around the blobs (``blob`` None)."""
+    """A byte range that is checked on its own: a blob, a tree's skeleton or leaf, or the
+    bytes around the blobs (``blob`` None), in the shard (``ref`` None) or in the object
+    ``record.refs[ref]`` (an incremental save's pointer)."""
 
     start: int
     end: int
@@ -195,6 +196,8 @@ class _Piece:
     target: Any = None
     direct: memoryview | None = None  # the target's memory, read straight into
     data: memoryview | None = None
+    ref: int | None = None
+    spanned: bool = True  # in its blob's span (covered by the blob's CRC32C): not a leaf stored elsewhere
 
     @property
     def writes_target(self) -> bool:
@@ -250,10 +253,14 @@ def _arrays_in(value: Any, out: list[Any], depth: int = 0) -> None:
 
 
 async def _targets(
-    reader: ShardReader, entries: Mapping[str, BlobEntry], destinations: Mapping[str, Any], guard: _Guard
+    source: Callable[[int | None], ShardReader],
+    entries: Mapping[str, BlobEntry],
+    destinations: Mapping[str, Any],
+    guard: _Guard,
 ) -> dict[tuple[str, int], Any]:
-    """(blob, part) -> the live object that part is restored into. Each ``Stateful``
-    destination's current state dict is kept in ``guard`` (its arrays to be journaled:
+    """(blob, part) -> the live object that part is restored into (``source(ref)``: the
+    reader of the object an entry's ``ref`` names). Each ``Stateful`` destination's
+    current state dict is kept in ``guard`` (its arrays to be journaled:
     ``load_state_dict`` may write into any of them)."""
     targets: dict[tuple[str, int], Any] = {}
     trees: dict[str, Any] = {}
@@ -266,7 +273,8 @@ async def _targets(
             if entry.encoding == "tree":
                 trees[blob] = dest
     skeletons = await run_all(
-        reader.fetch(entries[blob].offset, entries[blob].offset + (entries[blob].skeleton or 0)) for blob in trees
+        source(entries[blob].ref).fetch(entries[blob].offset, entries[blob].offset + (entries[blob].skeleton or 0))
+        for blob in trees
     )
     for (blob, dest), skeleton in zip(trees.items(), skeletons):
         entry = entries[blob]
@@ -276,7 +284,7 @@ async def _targets(
             raise
         except Exception as exc:
             raise CheckpointCorruptedError(
-                f"{reader.where()}, blob {blob!r}: skeleton does not decode ({type(exc).__name__}: {exc})"
+                f"{source(entry.ref).where()}, blob {blob!r}: skeleton does not decode ({type(exc).__name__}: {exc})"
             ) from None
         found: dict[int, Any] = {}
         _match(placeholders, guard.previous[id(dest)][1], found)
@@ -286,35 +294,41 @@ async def _targets(
     return targets
 
 
-def _pieces(
-    entries: Mapping[str, BlobEntry], targets: Mapping[tuple[str, int], Any], shard_size: int | None, where: str
-) -> list[_Piece]:
-    """The pieces of ``entries`` in shard order; with ``shard_size``, the bytes around them
-    too, so that the pieces cover the whole shard."""
+def _pieces(entries: Mapping[str, BlobEntry], targets: Mapping[tuple[str, int], Any]) -> list[_Piece]:
+    """The pieces of ``entries``, blob by blob, each blob's in its order (skeleton, then
+    leaf by leaf), each in the object that holds it."""
     pieces: list[_Piece] = []
-    for blob, entry in sorted(entries.items(), key=lambda item: item[1].offset):
+    for blob, entry in entries.items():
         if entry.encoding == "tree":
             assert entry.skeleton is not None
-            pieces.append(_Piece(entry.offset, entry.offset + entry.skeleton, blob, _SKELETON))
+            pieces.append(_Piece(entry.offset, entry.offset + entry.skeleton, blob, _SKELETON, ref=entry.ref))
             for number, leaf in enumerate(entry.leaves):
-                start = entry.offset + leaf.offset
-                pieces.append(_Piece(start, start + leaf.length, blob, number, leaf, targets.get((blob, number))))
+                target = targets.get((blob, number))
+                if leaf.ref is not None:  # stored in another object, at an absolute offset
+                    end = leaf.offset + leaf.length
+                    pieces.append(_Piece(leaf.offset, end, blob, number, leaf, target, ref=leaf.ref, spanned=False))
+                else:
+                    start = entry.offset + leaf.offset
+                    pieces.append(_Piece(start, start + leaf.length, blob, number, leaf, target, ref=entry.ref))
         else:
             spec = entry if entry.encoding == "ndarray" else None
-            pieces.append(
-                _Piece(entry.offset, entry.offset + entry.length, blob, _BLOB, spec, targets.get((blob, _BLOB)))
-            )
+            target = targets.get((blob, _BLOB))
+            pieces.append(_Piece(entry.offset, entry.offset + entry.length, blob, _BLOB, spec, target, ref=entry.ref))
     for piece in pieces:
         if piece.writes_target and piece.spec is not None:
             view = arrays.host_target(piece.target, *_array_spec(piece.spec))
             stored = view.T if view is not None and piece.spec.order == "F" else view
             if stored is not None and stored.flags.c_contiguous and stored.size:
                 piece.direct = stored.reshape(-1).view(np.uint8).data
-    if shard_size is None:
-        return pieces
+    return pieces
+
+
+def _framed(pieces: list[_Piece], shard_size: int, where: str) -> list[_Piece]:
+    """The shard's ``pieces`` in shard order and the bytes around them: pieces covering
+    the whole shard."""
     framed: list[_Piece] = []
     pos = 0
-    for piece in pieces:
+    for piece in sorted(pieces, key=lambda p: p.start):
         if piece.start < pos:
             raise CheckpointCorruptedError(f"{where}: blobs overlap")
         if piece.start > pos:
@@ -349,26 +363,37 @@ async def _read(reader: ShardReader, pieces: list[_Piece], guard: _Guard) -> Non
 
 
 def _finish(
-    entries: Mapping[str, BlobEntry], pieces: list[_Piece], shard_crc: int | None, where: str
+    entries: Mapping[str, BlobEntry],
+    pieces: list[_Piece],
+    framed: list[_Piece] | None,
+    shard_crc: int | None,
+    where: Callable[[int | None], str],
 ) -> dict[str, Any]:
-    """Check every piece's CRC32C (and the shard's), copy the fetched bytes of targets
-    that were not read into directly, and build the values. CPU work."""
-    crcs = [codec.checksum(piece.data) for piece in pieces]
-    parts: dict[str, list[tuple[_Piece, int]]] = {}
-    for piece, crc in zip(pieces, crcs):
+    """Check every piece's CRC32C (each leaf's, each blob's span, and over ``framed``,
+    the pieces covering the whole shard, the shard's), copy the fetched bytes of targets
+    that were not read into directly, and build the values; ``where(ref)`` names the
+    object of a piece. CPU work."""
+    every = {id(piece): piece for piece in (*pieces, *(framed or ()))}  # framed holds the shard's pieces too
+    crcs = {key: codec.checksum(piece.data) for key, piece in every.items()}
+    parts: dict[str, list[_Piece]] = {}
+    for piece in pieces:
         if piece.blob is not None:
-            parts.setdefault(piece.blob, []).append((piece, crc))
+            parts.setdefault(piece.blob, []).append(piece)
     for blob, entry in entries.items():
-        for piece, crc in parts[blob]:
-            if isinstance(piece.spec, LeafEntry) and crc != piece.spec.crc32c:
+        for piece in parts[blob]:
+            if isinstance(piece.spec, LeafEntry) and crcs[id(piece)] != piece.spec.crc32c:
                 raise CheckpointCorruptedError(
-                    f"{where}, blob {blob!r}: CRC32C mismatch in leaf {piece.part} (stored bytes are corrupted)"
+                    f"{where(piece.ref)}, blob {blob!r}: CRC32C mismatch in leaf {piece.part} (stored bytes are corrupted)"
                 )
-        blob_crc = codec.combine_checksums([crc for _, crc in parts[blob]], [p.end - p.start for p, _ in parts[blob]])
+        span = [piece for piece in parts[blob] if piece.spanned]
+        blob_crc = codec.combine_checksums([crcs[id(p)] for p in span], [p.end - p.start for p in span])
         if blob_crc != entry.crc32c:
-            raise CheckpointCorruptedError(f"{where}, blob {blob!r}: CRC32C mismatch (stored bytes are corrupted)")
-    if shard_crc is not None and codec.combine_checksums(crcs, [p.end - p.start for p in pieces]) != shard_crc:
-        raise CheckpointCorruptedError(f"{where}: shard CRC32C mismatch (stored bytes are corrupted)")
+            raise CheckpointCorruptedError(
+                f"{where(entry.ref)}, blob {blob!r}: CRC32C mismatch (stored bytes are corrupted)"
+            )
+    if framed is not None and shard_crc is not None:
+        if codec.combine_checksums([crcs[id(p)] for p in framed], [p.end - p.start for p in framed]) != shard_crc:
+            raise CheckpointCorruptedError(f"{where(None)}: shard CRC32C mismatch (stored bytes are corrupted)")
 
     def value(piece: _Piece) -> Any:
         assert piece.spec is not None and piece.data is not None
@@ -382,21 +407,21 @@ def _finish(
 
     values: dict[str, Any] = {}
     for blob, entry in entries.items():
-        first = parts[blob][0][0]
+        first = parts[blob][0]
         assert first.data is not None
         try:
             if entry.encoding == "tree":
-                leaves = [piece for piece, _ in parts[blob][1:]]
+                leaves = parts[blob][1:]
                 values[blob] = codec.decode_tree(entry, first.data, functools.partial(_leaf_value, value, leaves))
             elif first.target is not None:
                 values[blob] = value(first)
             else:
-                values[blob] = codec.decode_blob(entry, first.data, f"{where}, blob {blob!r}", verify=False)
+                values[blob] = codec.decode_blob(entry, first.data, f"{where(entry.ref)}, blob {blob!r}", verify=False)
         except CheckpointError:
             raise
         except Exception as exc:  # verified bytes that do not decode
             raise CheckpointCorruptedError(
-                f"{where}, blob {blob!r}: blob does not decode ({type(exc).__name__}: {exc})"
+                f"{where(entry.ref)}, blob {blob!r}: blob does not decode ({type(exc).__name__}: {exc})"
             ) from None
     return values
 
@@ -405,21 +430,11 @@ def _leaf_value(value: Callable[[_Piece], Any], leaves: Sequence[_Piece], number
     return value(leaves[number])
 
 
-def _sources(reader: ShardReader, entries: Mapping[str, BlobEntry]) -> list[tuple[ShardReader, dict[str, BlobEntry]]]:
-    """The objects the blobs of ``entries`` are read from, each with its blobs: the shard
-    of ``reader`` first (its blobs stored in it), then each object of another epoch that
-    blobs of an incremental save point at (``ref``, an object of ``record.refs``)."""
-    local = {blob: entry for blob, entry in entries.items() if entry.ref is None}
-    shared: dict[int, dict[str, BlobEntry]] = {}
-    for blob, entry in entries.items():
-        if entry.ref is not None:
-            shared.setdefault(entry.ref, {})[blob] = entry
-    sources = [(reader, local)]
-    for ref, group in sorted(shared.items()):
-        stored_in = reader.record.refs[ref]
-        record = NodeRecord(reader.node, stored_in.key, stored_in.size, 0)
-        sources.append((ShardReader(reader.storage, reader.node, record, reader.config), group))
-    return sources
+def _holders(reader: ShardReader, entries: Mapping[str, BlobEntry]) -> dict[int, ShardReader]:
+    """ref -> a reader of each object of another epoch that blobs of ``entries`` (or, format
+    4, leaves of their trees) point at (``record.refs[ref]``)."""
+    refs = {entry.ref for entry in entries.values()} | {leaf.ref for e in entries.values() for leaf in e.leaves}
+    return {ref: reader.holder(ref) for ref in sorted(ref for ref in refs if ref is not None)}
 
 
 async def _read_shard(
@@ -428,31 +443,32 @@ async def _read_shard(
     """The blobs of ``entries`` (of the shard's checked index; ``whole``: all of them, and
     the shard's CRC32C is checked too), restored in place into the matching
     ``destinations``: their values and the names of the ``Stateful`` ones. Blobs an
-    incremental save pointed at objects of other epochs are read from those (each
-    object's size checked first); the shard's CRC32C covers the bytes in the shard."""
+    incremental save pointed at objects of other epochs (or, format 4, leaves of their
+    trees) are read from those (each object's size checked first); the shard's CRC32C
+    covers the bytes in the shard."""
     known = set(guard.previous)
-    sources = _sources(reader, entries)
-    await run_all(holder.check_size() for holder, _ in sources[1:])
-    found = await run_all(_targets(source, blobs, destinations, guard) for source, blobs in sources)
-    framed = [
-        _pieces(blobs, targets, source.record.size if whole and source is reader else None, source.where())
-        for (source, blobs), targets in zip(sources, found)
-    ]
-    live: list[Any] = [p.target for pieces in framed for p in pieces if p.writes_target]
+    holders = _holders(reader, entries)
+    await run_all(holder.check_size() for holder in holders.values())
+
+    def source(ref: int | None) -> ShardReader:
+        return reader if ref is None else holders[ref]
+
+    pieces = _pieces(entries, await _targets(source, entries, destinations, guard))
+    by_source: dict[int | None, list[_Piece]] = {None: []}
+    for piece in sorted(pieces, key=lambda p: p.start):
+        by_source.setdefault(piece.ref, []).append(piece)
+    framed = _framed(by_source[None], reader.record.size, reader.where()) if whole else None
+    if framed is not None:
+        by_source[None] = framed
+    live: list[Any] = [p.target for p in pieces if p.writes_target]
     for key, (_, state) in guard.previous.items():
         if key not in known:
             _arrays_in(state, live)
     if live:
         await guard.run(asyncio.to_thread(guard.journal().save, live))  # a rollback waits for it
-    await run_all(_read(source, pieces, guard) for (source, _), pieces in zip(sources, framed))
-    shard_crc = reader.record.crc32c if whole else None
-
-    def finish() -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for (source, blobs), pieces in zip(sources, framed):
-            values.update(_finish(blobs, pieces, shard_crc if source is reader else None, source.where()))
-        return values
-
+    await run_all(_read(source(ref), group, guard) for ref, group in by_source.items())
+    where = {ref: source(ref).where() for ref in by_source}
+    finish = functools.partial(_finish, entries, pieces, framed, reader.record.crc32c, where.__getitem__)
     values = await guard.run(asyncio.to_thread(finish))
     return values, {blob for blob, entry in entries.items() if entry.stateful}
 
@@ -541,7 +557,7 @@ async def restore_partial(
             entries = {blob: blobs[node][blob] for blob in plan[node]}
             destinations = {blob: session.get(key) for blob, key in plan[node].items()}
             values, _ = await _read_shard(readers[node], entries, False, destinations, guard)
-            return values, sum(entry.length for entry in entries.values())
+            return values, sum(entry.payload_length for entry in entries.values())
 
         what = f"partial load of epoch {index.epoch}"
         loaded, stats = await read_nodes(what, plan, read_node, config.max_nodes_in_flight)

@@ -55,10 +55,13 @@ class NodeContents:
         return self.ref_urls[entry.ref] if entry.ref is not None else None
 
     def stored_in(self, entry: BlobEntry) -> str:
-        """Where ``entry``'s bytes are, for the table: ``""`` (the shard) or ``"epoch N"``."""
-        if entry.ref is None:
-            return ""
-        return f"epoch {epoch_of_key(self.record.refs[entry.ref].key)}"
+        """Where ``entry``'s bytes are, for the table: ``""`` (the shard), ``"epoch N"``
+        or, for a tree some of whose leaves are elsewhere, ``"leaves in epoch N[, M]"``."""
+        if entry.ref is not None:
+            return f"epoch {epoch_of_key(self.record.refs[entry.ref].key)}"
+        keys = {self.record.refs[leaf.ref].key for leaf in entry.leaves if leaf.ref is not None}
+        epochs = sorted({epoch for key in keys if (epoch := epoch_of_key(key)) is not None})
+        return f"leaves in epoch {', '.join(map(str, epochs))}" if epochs else ""
 
 
 @click.command(short_help="Show the nodes and blobs of a committed epoch.")
@@ -77,9 +80,10 @@ def show(location: str, epoch: int, as_json: bool, endpoint_url: str | None) -> 
     With --json: {"location", "epoch", "nodes" (a count), "bytes", "reused_bytes",
     "created", "created_unix", "run_id", "writer_id", "metrics", "shards": [{"node",
     "object", "bytes", "reused_bytes", "blobs": [{"name", "kind", "dtype", "shape",
-    "bytes", "object"}]}]}; dtype and shape are null for blobs that are not arrays; a
-    blob's object is null when it is in the node's own shard, else the URL of the
-    object of an earlier epoch that holds it.
+    "bytes", "reused_bytes", "object"}]}]}; dtype and shape are null for blobs that are
+    not arrays; a blob's object is null when it is in the node's own shard, else the URL
+    of the object of an earlier epoch that holds it; a blob's reused_bytes are those of
+    its payload stored in earlier epochs' objects (all of it, or a tree's reused leaves).
 
     Exit code 0, or 2 on a storage or usage error (an epoch that is not committed, a
     directory or bucket that does not exist). A shard whose blob index is damaged is
@@ -136,7 +140,7 @@ def show(location: str, epoch: int, as_json: bool, endpoint_url: str | None) -> 
                 entry.encoding,
                 escape(blob["dtype"] or ""),
                 "" if blob["shape"] is None else str(tuple(blob["shape"])),
-                format_bytes(entry.length),
+                format_bytes(entry.payload_length),
                 *([node.stored_in(entry)] if with_reuse else []),
                 end_section=i == len(node.blobs) - 1,
             )
@@ -154,7 +158,8 @@ def _blob_json(name: str, entry: BlobEntry) -> dict[str, Any]:
         "kind": entry.encoding,
         "dtype": _dtype_name(entry.dtype) if entry.dtype is not None else None,
         "shape": list(entry.shape) if entry.shape is not None else None,
-        "bytes": entry.length,
+        "bytes": entry.payload_length,
+        "reused_bytes": entry.length if entry.ref is not None else entry.payload_length - entry.length,
     }
 
 

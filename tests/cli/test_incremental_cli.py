@@ -77,3 +77,32 @@ def test_verify_reads_the_reused_bytes_and_names_the_object_they_are_damaged_in(
     damage = json.loads(result.stdout)["damage"]
     assert damage["epoch"] in (2, 3) and damage["node"] == "n0" and damage["blob"] == "w2"  # both reuse it
     assert urlsplit(damage["object"]).path == str(holder), damage  # epoch 1's shard, not the epoch's own
+
+
+def test_show_and_verify_follow_the_leaves_of_a_tree_stored_in_an_earlier_epoch(tmp_path: Path) -> None:
+    url = str(tmp_path / "tree")
+
+    async def run() -> None:
+        async with MultiNodeCheckpointManager(url) as mgr:
+            await mgr.init({"n0": {"tree": {**FROZEN, "step": 1}}})
+            await mgr.save(1)
+            mgr.workspace("n0")["tree"] = {**FROZEN, "step": 2}  # the skeleton changed, the leaves did not
+            await mgr.save(2)
+            await mgr.delete_epoch(1)  # its shard stays: epoch 2's leaves point at it
+
+    asyncio.run(run())
+    (shard,) = invoke_json("show", url, "2")["shards"]
+    (blob,) = shard["blobs"]
+    assert blob["bytes"] > FROZEN_BYTES and blob["reused_bytes"] == shard["reused_bytes"] == FROZEN_BYTES
+    assert blob["object"] is None and "leaves in epoch 1" in invoke("show", url, "2").stdout
+    assert invoke_json("verify", url)["bytes_checked"] > FROZEN_BYTES  # the leaves in epoch 1's shard too
+    holder = next((tmp_path / "tree" / "epochs" / "000000000001").rglob("*.shard"))
+    data = bytearray(holder.read_bytes())
+    data[data.index(FROZEN["w3"].tobytes()[:64]) + 100] ^= 0x01
+    holder.write_bytes(bytes(data))
+    result = invoke("verify", url, "--json")
+    assert result.exit_code == EXIT_FAILED, result.stdout
+    damage = json.loads(result.stdout)["damage"]
+    assert damage["epoch"] == 2 and damage["node"] == "n0" and damage["blob"] == "tree"
+    assert "leaf 3" in damage["message"]
+    assert urlsplit(damage["object"]).path == str(holder), damage

@@ -224,10 +224,12 @@ def test_show_json_gives_kind_dtype_shape_and_bytes_of_every_blob(location: str)
             "dtype": "float32",
             "shape": [256],
             "bytes": 1024,
+            "reused_bytes": 0,
             "object": None,  # in this shard (small blobs are never reused)
         }
         assert blobs["tag"] == {
-            "name": "tag", "kind": "bytes", "dtype": None, "shape": None, "bytes": len(b"epoch-3"), "object": None
+            "name": "tag", "kind": "bytes", "dtype": None, "shape": None, "bytes": len(b"epoch-3"), "reused_bytes": 0,
+            "object": None,
         }  # fmt: skip
         assert blobs["step"]["kind"] == "msgpack" and blobs["step"]["dtype"] is None
     assert sum(s["bytes"] for s in shown["shards"]) == shown["bytes"]

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from asyncckpt import CheckpointCorruptedError  # noqa: E402
+from asyncckpt import CheckpointCorruptedError, Retention  # noqa: E402
 from tests.support.locations import RawStorages, manager  # noqa: E402
 
 NODE = "trainer_0"
@@ -146,10 +146,11 @@ def _random(dtype: Any = np.float64) -> np.ndarray[Any, Any]:
         (lambda: _random(), lambda a: torch.from_numpy(a.copy()), False),  # same bytes, another kind
         (lambda: torch.from_numpy(_random(np.float16)), lambda t: t.view(torch.bfloat16), False),  # another dtype
         (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"].copy(), "step": 1}, True),  # a tree
-        (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"], "step": 2}, False),  # its skeleton changed
+        (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"], "step": 2}, True),  # its skeleton: the leaf
+        (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"].astype(np.float32), "step": 1}, False),  # dtype
         (lambda: {"w": _random(), "step": 1}, lambda d: {"w": d["w"].reshape(-1, 2), "step": 1}, False),  # a leaf's
     ],
-    ids=["tensor", "numpy-then-torch", "f16-then-bf16", "tree", "tree-skeleton", "tree-leaf-shape"],
+    ids=["tensor", "numpy-then-torch", "f16-then-bf16", "tree", "tree-skeleton", "tree-leaf-dtype", "tree-leaf-shape"],
 )
 async def test_unchanged_means_the_same_bytes_kind_dtype_and_tree_layout(
     location: Any, first: Any, second: Any, reused: bool
@@ -199,3 +200,121 @@ async def test_a_partial_load_of_reused_bytes_fills_the_session_tensor_in_place(
         session: dict[str, Any] = {"table": target}
         assert await mgr.load_blobs_locally([NODE], ["table", "step"], 2, session)
     assert session["table"] is target and bits(target) == bits(table) and session["step"] == 2
+
+
+# --------------------------------------------------------------------------- reuse per leaf
+
+
+def one_entry(seed: int) -> tuple[Net, Any, dict[str, Any]]:
+    """The model as one workspace entry (one tree blob whose backbone is frozen) and its optimizer."""
+    model, optim, _ = training(seed)
+    return model, optim, {"model": model, "optim": optim}
+
+
+def model_entry(raw: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The record of NODE in an epoch's ``raw`` manifest and its "model" blob's leaves."""
+    record = raw["nodes"][NODE]
+    return record, record["blobs"]["model"]["leaves"]
+
+
+BACKBONE_BYTES = 256 * 128 * 4  # the backbone's weight: the one leaf of the model of at least 64 KiB
+
+
+async def test_a_frozen_backbone_inside_one_model_entry_is_reused_per_leaf_and_loads_in_place(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    model, optim, ws = one_entry(seed=0)
+    async with manager(location) as mgr:
+        await mgr.init({NODE: ws})
+        step(model, optim)
+        await mgr.save(1)
+        first = await mgr.report_checkpoint_stats("checkpoint_save")
+        step(model, optim)  # the head, its small bias inline in the skeleton, and the optimizer move on
+        await mgr.save(2)
+        saved = await mgr.report_checkpoint_stats("checkpoint_save")
+    raw = await raw_storages.read_manifest(location, 2)
+    record, leaves = model_entry(raw)
+    assert raw["version"] == 4 and record["leaf_refs"] is True and "ref" not in record["blobs"]["model"]
+    (reused,) = [leaf for leaf in leaves if "ref" in leaf]
+    assert reused["length"] == BACKBONE_BYTES and record["refs"][reused["ref"]]["key"].startswith(
+        "epochs/000000000001/"
+    )
+    assert saved["reused_bytes"] >= BACKBONE_BYTES
+    assert saved["bytes"] <= first["bytes"] - BACKBONE_BYTES + 4096  # the head, the optimizer, the skeletons
+    expected = snapshot(model, optim)
+
+    fresh, fresh_optim, fresh_ws = one_entry(seed=1)
+    weight, head_weight = fresh.backbone.weight, fresh.head.weight
+    pointer = weight.data_ptr()
+    async with manager(location) as mgr:
+        await mgr.init({NODE: fresh_ws})
+        await mgr.load(2)
+        loaded = await mgr.report_checkpoint_stats("checkpoint_load")
+        session: dict[str, Any] = {}
+        assert await mgr.load_blobs_locally([NODE], ["model"], 2, session)  # a partial load follows the leaf too
+    assert snapshot(fresh, fresh_optim) == expected
+    assert fresh.backbone.weight is weight and weight.data_ptr() == pointer and fresh.head.weight is head_weight
+    assert mgr.workspace(NODE)["model"] is fresh
+    assert loaded["bytes"] >= saved["bytes"] + saved["reused_bytes"]  # the referenced bytes are read too
+    assert {name: bits(t) for name, t in session["model"].items()} == {
+        name: bits(t) for name, t in model.state_dict().items()
+    }
+
+
+async def test_damaged_bytes_of_a_reused_leaf_name_the_object_and_roll_back_every_tensor(
+    location: Any, raw_storages: RawStorages
+) -> None:
+    model, optim, ws = one_entry(seed=0)
+    async with manager(location) as mgr:
+        await mgr.init({NODE: ws})
+        step(model, optim)
+        await mgr.save(1)
+        step(model, optim)
+        await mgr.save(2)
+        record, leaves = model_entry(await raw_storages.read_manifest(location, 2))
+        number, leaf = next((n, leaf) for n, leaf in enumerate(leaves) if "ref" in leaf)
+        async with raw_storages.open(location) as storage:
+            key = record["refs"][leaf["ref"]]["key"]
+            data = bytearray(await storage.get(key))
+            data[leaf["offset"] + leaf["length"] // 2] ^= 0x01  # an absolute offset in epoch 1's shard
+            await storage.put(key, bytes(data))
+        step(model, optim)  # the head and the optimizer state move on...
+        with torch.no_grad():
+            model.backbone.weight.add_(1.0)  # ...and so does the backbone, here
+        before = snapshot(model, optim)
+        with pytest.raises(
+            CheckpointCorruptedError, match=rf"epochs/000000000001/.*blob 'model': CRC32C mismatch in leaf {number}"
+        ):
+            await mgr.load(2)
+    assert snapshot(model, optim) == before  # the head and the optimizer (from epoch 2's shard) too
+
+
+async def test_keep_last_1_keeps_the_objects_leaves_point_at(location: Any, raw_storages: RawStorages) -> None:
+    model, optim, ws = one_entry(seed=0)
+    async with manager(location, retention=Retention(keep_last=1)) as mgr:
+        await mgr.init({NODE: ws})
+        for epoch in range(1, 5):
+            step(model, optim)
+            await mgr.save(epoch)
+            assert await mgr.committed_epochs() == [epoch]
+            report = await mgr.gc(grace_period=0)
+            assert report.deleted == [] and report.kept_referenced == int(epoch > 1)  # epoch 1's shard
+            record, leaves = model_entry(await raw_storages.read_manifest(location, epoch))
+            refs = [record["refs"][leaf["ref"]]["key"] for leaf in leaves if "ref" in leaf]
+            assert refs == ([] if epoch == 1 else [record["refs"][0]["key"]])
+            assert all(key.startswith("epochs/000000000001/") for key in refs)  # one level deep
+            expected = snapshot(model, optim)
+            fresh, fresh_optim, fresh_ws = one_entry(seed=epoch + 10)
+            async with manager(location) as loader:
+                await loader.init({NODE: fresh_ws})
+                await loader.load(epoch)
+            assert snapshot(fresh, fresh_optim) == expected, epoch
+
+
+async def test_changing_one_element_of_a_frozen_leaf_uploads_that_leaf_only(location: Any) -> None:
+    first = {"a": torch.from_numpy(_random()), "b": torch.from_numpy(_random(np.float32)), "step": 1}
+    second = {"a": first["a"].clone(), "b": first["b"], "step": 1}
+    second["a"][7] += 1.0
+    reused, loaded = await _second_save_reuses(location, first, second)
+    assert reused == ELEMENTS * 4  # "b" only
+    assert bits(loaded["a"]) == bits(second["a"]) and bits(loaded["b"]) == bits(second["b"])

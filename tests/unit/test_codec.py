@@ -597,9 +597,32 @@ def test_crc32c_combine_doubles_a_run_of_zeros_up_to_a_mebibyte() -> None:
 def test_a_fingerprint_is_each_buffers_crc32c_and_the_xxh3_128_of_all_in_order() -> None:
     parts = [memoryview(np.arange(n, dtype=np.uint8).tobytes()) for n in (0, 1, 300_000, 17)]
     whole = b"".join(bytes(p) for p in parts)
-    crcs, digest = codec.fingerprint(parts)
+    crcs, digest, each = codec.fingerprint(parts)
     assert crcs == [codec.checksum(p) for p in parts] and digest == xxhash.xxh3_128(whole).digest()
     assert codec.combine_checksums(crcs, [p.nbytes for p in parts]) == codec.checksum(whole)
+    assert each == [None] * len(parts)
+    assert codec.fingerprint(parts, 17)[2] == [
+        None,
+        None,
+        xxhash.xxh3_128(parts[2]).digest(),
+        xxhash.xxh3_128(b"".join([parts[3]])).digest(),
+    ]
+
+
+def test_a_tree_entry_with_leaves_stored_elsewhere_round_trips_and_spans_the_rest() -> None:
+    tree = {"a": np.ones(2048, dtype=np.float32), "b": np.arange(4096, dtype=np.int16), "step": 3}
+    blob = codec.encode_blob("w", tree)
+    digests = [b"\x02" * 16, b"\x03" * 16]
+    entry = blob.entry(96, 7, None, b"\x01" * 16, None, digests, {0: (1, 123_456)})
+    skeleton = len(blob.source)
+    a, b = entry.leaves
+    assert (a.ref, a.offset, a.xxh3) == (1, 123_456, b"\x02" * 16) and (b.ref, b.offset) == (None, skeleton)
+    assert entry.length == skeleton + 8192 and entry.payload_length == blob.length and entry.leaf_refs
+    assert BlobEntry.from_json(entry.to_json(), "w") == entry
+    with pytest.raises(CheckpointCorruptedError, match="stored in others"):
+        BlobEntry.from_json({**entry.to_json(), "ref": 0}, "w")
+    with pytest.raises(CheckpointCorruptedError, match="not contiguous"):
+        BlobEntry.from_json(blob.entry(96, 7, None, None, None, None, {1: (0, 9)}).to_json() | {"skeleton": 1}, "w")
 
 
 @pytest.mark.parametrize(

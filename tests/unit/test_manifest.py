@@ -301,8 +301,28 @@ def test_a_record_pointing_at_what_is_not_a_shard_of_another_epoch_is_refused(re
         parse_index(json.dumps(body).encode())
 
 
+def test_records_whose_leaves_point_elsewhere_round_trip_as_format_4() -> None:
+    record = dataclasses.replace(shared_record(), leaf_refs=True)
+    index = EpochIndex(EPOCH, WRITER, {"trainer_0": record, "trainer_1": shared_record("trainer_1")})
+    assert index.version == 4 and parse_index(index.to_json()) == index
+    manifest = EpochManifest.for_index(index, index_key(EPOCH, WRITER), index.to_json(), "msgpack")
+    assert (
+        json.loads(manifest.to_json())["version"] == 4
+        and EpochManifest.from_json(manifest.to_json(), WHERE) == manifest
+    )
+    decision = Decision(EPOCH, WRITER, "commit", manifest)
+    assert json.loads(decision.to_json())["version"] == 4
+    assert Decision.from_json(decision.to_json(), WHERE, epoch=EPOCH, writer_id=WRITER) == decision
+    assert json.loads(record.receipt_json(EPOCH, WRITER))["version"] == 4
+    assert NodeRecord.from_receipt(record.receipt_json(EPOCH, WRITER), WHERE) == (EPOCH, WRITER, record)
+    body = json.loads(EpochIndex(EPOCH, WRITER, {"trainer_0": sample_record("trainer_0")}).to_json())
+    body["nodes"]["trainer_0"]["leaf_refs"] = True  # pointers without the objects they point into
+    with pytest.raises(CheckpointCorruptedError, match="leaf_refs"):
+        parse_index(json.dumps(body).encode())
+
+
 def test_a_version_this_reader_does_not_know_is_refused_by_its_version() -> None:
     body = manifest_tree()
-    body["version"] = 4
-    with pytest.raises(CheckpointCorruptedError, match="version 4"):
+    body["version"] = 5
+    with pytest.raises(CheckpointCorruptedError, match="version 5"):
         EpochManifest.from_json(json.dumps(body).encode(), WHERE)
