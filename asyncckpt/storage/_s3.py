@@ -488,13 +488,14 @@ def _aiohttp_stream(body: Any) -> Any | None:
 
     This is the one place that reaches into a dependency's internals, on purpose: an
     aiobotocore ``StreamingBody`` wraps the aiohttp response (``__wrapped__``), whose
-    ``content.readany()`` hands out chunks as the network delivers them, one copy fewer
-    than ``iter_chunks`` re-joining them into fixed sizes. Should a release move it,
+    ``content.readchunk()`` hands out the chunks as the network delivered them, one copy
+    fewer than ``iter_chunks`` (or ``readany``, when several chunks are waiting)
+    joining them. Should a release move it,
     this returns ``None`` and reads fall back to ``iter_chunks`` (correct, only slower);
     the S3 conformance tests check that the fast path is still found.
     """
     content = getattr(getattr(body, "__wrapped__", None), "content", None)
-    return content if content is not None and hasattr(content, "readany") else None
+    return content if content is not None and hasattr(content, "readchunk") else None
 
 
 async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
@@ -505,7 +506,8 @@ async def _body_chunks(body: Any) -> AsyncIterator[bytes]:
             yield chunk
         return
     while True:
-        chunk = await stream.readany()
-        if not chunk:
+        chunk, end_of_http_chunk = await stream.readchunk()
+        if chunk:
+            yield chunk
+        elif not end_of_http_chunk:  # (an empty end of a chunk of a chunked body is not the end)
             return
-        yield chunk
