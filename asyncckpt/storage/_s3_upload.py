@@ -79,8 +79,9 @@ class S3Writer(ObjectWriter):
     until :meth:`commit` completes the upload.
 
     An object hinted to fit one PUT stays one PUT while it keeps to its hint and its
-    copied bytes to one part's buffer (:attr:`_capacity`); past either, it carries on
-    as a multipart upload, whose first part is what was gathered so far.
+    copied bytes to one buffer (see :meth:`_lease`); past either, it carries on as a
+    multipart upload, whose first part is what was gathered so far. So a caller that
+    copies everything gets the parts it always got, and one that lends gets one PUT.
     """
 
     def __init__(self, storage: UploadTarget, key: str, budget: ByteBudget | None, size_hint: int | None = None):
@@ -97,6 +98,7 @@ class S3Writer(ObjectWriter):
         self._open = _Part()
         self._buf: LeasedBuffer | None = None  # the open part's newest buffer, filled up to _fill
         self._fill = 0
+        self._buf_end = 0  # how far _buf may be filled
         self._merge = False  # the open part's last piece ends at _fill of _buf: a copy extends it
         self._size = 0
         self._upload_id: str | None = None
@@ -162,7 +164,7 @@ class S3Writer(ObjectWriter):
         copied. A small copy with no room in a buffer is its own ``bytes`` instead (a
         part's first :data:`_HEAP_MAX` bytes), its size held in the budget: a header
         before lent arrays leases no part-sized buffer."""
-        no_room = self._buf is None or self._fill == len(self._buf)
+        no_room = self._buf is None or self._fill == self._buf_end
         if no_room and src.nbytes < _THREAD_COPY_MIN and self._open.acquired + src.nbytes <= _HEAP_MAX:
             await self._budget.acquire(src.nbytes)
             self._open.acquired += src.nbytes
@@ -174,7 +176,7 @@ class S3Writer(ObjectWriter):
         if no_room:
             await self._lease()  # which may turn the object multipart and cut the open part
         assert self._buf is not None
-        n = min(src.nbytes, len(self._buf) - self._fill, self._room())
+        n = min(src.nbytes, self._buf_end - self._fill, self._room())
         target = memoryview(self._buf)[self._fill : self._fill + n]
         if n >= _THREAD_COPY_MIN:
             await asyncio.to_thread(target.__setitem__, slice(None), src[:n])
@@ -195,7 +197,9 @@ class S3Writer(ObjectWriter):
         """A new buffer for the open part, of one part's capacity (buffers of one size
         go warm from part to part), the first no bigger than the hinted object. An
         object meant for one PUT whose copies need a second buffer is multipart from
-        here on: what it copies can then go up part by part."""
+        here on: what it copies can then go up part by part. Its one buffer takes no
+        more than ``part_size`` bytes unless the whole object fits, so that it is the
+        first part it would have been."""
         size = self._capacity
         if self._next_part == 1 and self._size_hint is not None:
             size = max(1, min(size, self._size_hint))  # a small object never holds a part-sized buffer
@@ -205,6 +209,9 @@ class S3Writer(ObjectWriter):
         buf = await self._budget.lease(size)
         self._open.buffers.append(buf)
         self._buf, self._fill, self._merge = buf, 0, False
+        # one part's worth, unless it holds the whole object (its other pages stay untouched)
+        fits = self._size_hint is not None and self._size_hint - self._size <= len(buf)
+        self._buf_end = len(buf) if not self._single or fits else min(len(buf), self._part_size)
 
     async def _cut_if_full(self) -> None:
         """Send the open part once it is full (or, at ``part_size``, let it absorb the
@@ -229,7 +236,7 @@ class S3Writer(ObjectWriter):
 
     def _take_open_part(self) -> _Part:
         part, self._open = self._open, _Part()
-        self._buf, self._fill, self._merge = None, 0, False
+        self._buf, self._fill, self._buf_end, self._merge = None, 0, 0, False
         return part
 
     def _give_back(self, part: _Part) -> None:
