@@ -6,7 +6,8 @@ upload whose parts go up concurrently while the caller keeps writing. A request'
 is a list of pieces sent as they lie in memory: views of what the caller lent
 (:meth:`S3Writer.write_borrowed`) and of buffers holding what it wrote. Those buffers are
 leased from a :class:`~asyncckpt.storage.ByteBudget`, which keeps them warm between
-uploads and counts them, warm or in flight, against its limit.
+uploads and counts them, warm or in flight, against its limit; only a part's first
+small copies (at most :data:`_HEAP_MAX` bytes) are plain ``bytes`` outside it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class UploadTarget(Protocol):
 __all__ = ["BufferBody", "S3Writer", "single_put_max"]
 
 _THREAD_COPY_MIN = 1 << 20  # copies at least this big run off the event loop
-_HEAP_MAX = 1 << 20  # small copies a part holds as their own bytes, before it leases a buffer
+_HEAP_MAX = 1 << 20  # small copies a part holds as their own bytes (outside the budget) before it leases a buffer
 
 
 def single_put_max(config: TransferConfig) -> int:
@@ -63,7 +64,7 @@ class _Part:
     pieces: list[memoryview] = field(default_factory=list)
     size: int = 0
     buffers: list[LeasedBuffer] = field(default_factory=list)
-    acquired: int = 0  # bytes held in the budget for pieces copied into their own bytes
+    own: int = 0  # bytes of pieces copied into their own bytes (outside the budget)
 
 
 class S3Writer(ObjectWriter):
@@ -121,15 +122,29 @@ class S3Writer(ObjectWriter):
             return self._size_hint
         return self._capacity if self._absorbing else self._part_size
 
-    def _grow_past_hint(self, n: int) -> None:
-        """``n`` more bytes are coming: an object that outgrows its hint is multipart."""
-        if self._single and self._size + n > (self._size_hint or 0):
-            self._single = False
+    async def _grow_past_hint(self, n: int) -> None:
+        """``n`` more bytes are coming: an object that outgrows its hint is multipart.
+
+        Its open part may then be too small to send yet hold a buffer sized by the
+        hint: its bytes move into one ``bytes`` of their own and the buffer goes back,
+        so that the part never waits for a second buffer while it holds one."""
+        if not self._single or self._size + n <= (self._size_hint or 0):
+            return
+        self._single = False
+        part = self._open
+        if part.buffers and part.size < self._part_size:
+            pieces = list(part.pieces)
+            if part.size >= _THREAD_COPY_MIN:
+                joined = await asyncio.to_thread(b"".join, pieces)
+            else:
+                joined = b"".join(pieces)
+            self._give_back(self._take_open_part())
+            self._open = _Part([memoryview(joined)], len(joined), own=len(joined))
 
     async def write(self, data: Buffer) -> None:
         self._check_open("write")
         view = memoryview(data).cast("B")
-        self._grow_past_hint(view.nbytes)
+        await self._grow_past_hint(view.nbytes)
         while view.nbytes:
             n = min(view.nbytes, self._room())
             if n:
@@ -144,7 +159,7 @@ class S3Writer(ObjectWriter):
         returns (a retried request sends them again)."""
         self._check_open("write")
         view = memoryview(data).cast("B")
-        self._grow_past_hint(view.nbytes)
+        await self._grow_past_hint(view.nbytes)
         while view.nbytes:
             n = min(view.nbytes, self._room())
             if n:
@@ -162,12 +177,12 @@ class S3Writer(ObjectWriter):
     async def _copy(self, src: memoryview) -> int:
         """Copy (a first part of) ``src`` into the open part's buffer; returns the bytes
         copied. A small copy with no room in a buffer is its own ``bytes`` instead (a
-        part's first :data:`_HEAP_MAX` bytes), its size held in the budget: a header
-        before lent arrays leases no part-sized buffer."""
+        part's first :data:`_HEAP_MAX` bytes of them), outside the budget: a header
+        before lent arrays leases no part-sized buffer, and a part never holds budget
+        bytes while it waits for its buffer (a wait that could be on itself)."""
         no_room = self._buf is None or self._fill == self._buf_end
-        if no_room and src.nbytes < _THREAD_COPY_MIN and self._open.acquired + src.nbytes <= _HEAP_MAX:
-            await self._budget.acquire(src.nbytes)
-            self._open.acquired += src.nbytes
+        if no_room and src.nbytes < _THREAD_COPY_MIN and self._open.own + src.nbytes <= _HEAP_MAX:
+            self._open.own += src.nbytes
             self._open.pieces.append(memoryview(bytes(src)))
             self._open.size += src.nbytes
             self._size += src.nbytes
@@ -240,12 +255,9 @@ class S3Writer(ObjectWriter):
         return part
 
     def _give_back(self, part: _Part) -> None:
-        buffers, acquired = part.buffers, part.acquired
-        part.buffers, part.pieces, part.acquired = [], [], 0
+        buffers, part.buffers, part.pieces = part.buffers, [], []
         for buf in buffers:
             self._budget.give_back(buf)
-        if acquired:
-            self._budget.release(acquired)
 
     async def _flush_part(self) -> None:
         if self._upload_id is None:

@@ -131,6 +131,21 @@ async def test_an_object_that_outgrows_its_one_put_hint_is_multipart_and_whole(s
         assert budget.in_use == 0
 
 
+@pytest.mark.parametrize("hint", [None, 100, MiB, 3 * PARTS.part_size])
+async def test_a_budget_of_one_part_never_deadlocks_a_writer(s3: S3Storage, hint: int | None) -> None:
+    # the budget fits one buffer and nothing else: the writer must never wait for a
+    # buffer while it holds one (a small copy first, a hint outgrown, a one-PUT object)
+    data = payload(3 * PARTS.part_size, seed=5)
+    budget = ByteBudget(PARTS.part_size)
+    async with s3.writer("tight", budget=budget, size_hint=hint) as writer:
+        await asyncio.wait_for(writer.write(data[:100]), 60)  # (a bound, not a timing: a deadlock fails)
+        for start in range(100, len(data), 2 * MiB):
+            await asyncio.wait_for(writer.write(data[start : start + 2 * MiB]), 60)
+        await asyncio.wait_for(writer.commit(), 60)
+    assert budget.in_use == 0
+    assert await s3.get("tight") == data
+
+
 @pytest.mark.parametrize("size", [PARTS.part_size, single_put_max(PARTS) + 1])
 async def test_a_connection_cut_mid_upload_is_retried_from_the_lent_memory(
     s3_endpoint: str, s3_bucket: str, size: int
