@@ -192,9 +192,10 @@ class S3Storage(Storage):
     ``options`` (the manager's ``storage_options``): ``endpoint_url``, ``region_name``,
     ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``,
     ``profile_name``, ``addressing_style`` (``"path"``, ``"virtual"`` or ``"auto"``),
-    ``verify`` (TLS). Anything not given comes from the standard AWS environment
-    (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``~/.aws/config`` ...). Request limits,
-    retries, timeouts, checksum mode and payload signing come from ``config``.
+    ``verify`` (TLS; false by default for an ``http://`` endpoint). Anything not given
+    comes from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``,
+    ``~/.aws/config`` ...). Request limits, retries, timeouts, checksum mode and payload
+    signing come from ``config``.
     """
 
     kind = "s3"
@@ -489,10 +490,10 @@ def _aiohttp_stream(body: Any) -> Any | None:
     This is the one place that reaches into a dependency's internals, on purpose: an
     aiobotocore ``StreamingBody`` wraps the aiohttp response (``__wrapped__``), whose
     ``content.readchunk()`` hands out the chunks as the network delivered them, one copy
-    fewer than ``iter_chunks`` (or ``readany``, when several chunks are waiting)
-    joining them. Should a release move it,
-    this returns ``None`` and reads fall back to ``iter_chunks`` (correct, only slower);
-    the S3 conformance tests check that the fast path is still found.
+    fewer than ``iter_chunks`` (or ``readany``, when several chunks wait) joining them.
+    Should a release move it, this returns ``None`` and reads fall back to
+    ``iter_chunks`` (correct, only slower); the S3 conformance tests check that the
+    fast path is still found.
     """
     content = getattr(getattr(body, "__wrapped__", None), "content", None)
     return content if content is not None and hasattr(content, "readchunk") else None
