@@ -301,6 +301,13 @@ class ObjectWriter(ABC):
     async def write(self, data: Buffer) -> None:
         """Append bytes. The writer copies what it keeps; ``data`` may be reused after."""
 
+    async def write_borrowed(self, data: Buffer) -> None:
+        """Append bytes the writer may keep without copying them: ``data`` must stay
+        unchanged until :meth:`commit` or :meth:`abort` returns. A backend that can send
+        the caller's memory as it is (S3) saves a copy and its buffer; this default
+        copies (it is :meth:`write`)."""
+        await self.write(data)
+
     @abstractmethod
     async def commit(self) -> ObjectInfo:
         """Make the object visible (replacing any old one) and return its info."""

@@ -192,6 +192,27 @@ class WriterConformance(StorageChecks):
         await self.assert_holds(storage, "big/obj", data)
         assert await storage.list_pending_uploads() == []
 
+    async def test_borrowed_writes_round_trip_between_copied_ones(self, storage: Storage) -> None:
+        data = payload(self.large_size, seed=15)
+        view = memoryview(data)
+        budget = ByteBudget(10 * MiB)
+        sizes = [100, 6 * MiB + 1, 333_331, 3 * MiB, 1]  # lent and copied pieces across part boundaries
+        for hint in (len(data), None):
+            async with storage.writer("lent", budget=budget, size_hint=hint) as writer:
+                pos, i = 0, 0
+                while pos < len(data):
+                    n = min(sizes[i % len(sizes)], len(data) - pos)
+                    if i % 2:
+                        await writer.write_borrowed(view[pos : pos + n])
+                    else:
+                        await writer.write(bytes(view[pos : pos + n]))
+                    pos, i = pos + n, i + 1
+                info = await writer.commit()
+            assert info.size == len(data)
+            assert budget.in_use == 0
+            await self.assert_holds(storage, "lent", data)
+        assert await storage.list_pending_uploads() == []
+
     async def test_aborted_writer_of_several_parts_leaves_nothing(self, storage: Storage) -> None:
         data = payload(11 * MiB, seed=9)
         budget = ByteBudget(10 * MiB)

@@ -152,7 +152,7 @@ class StorageWrapper(Storage):
 
 
 class _WrappedWriter(ObjectWriter):
-    """Forwards a writer's ``write``/``commit``/``abort`` through its storage wrapper."""
+    """Forwards a writer's ``write``/``write_borrowed``/``commit``/``abort`` through its storage wrapper."""
 
     def __init__(self, wrapper: StorageWrapper, inner: ObjectWriter):
         self.key = inner.key
@@ -161,6 +161,9 @@ class _WrappedWriter(ObjectWriter):
 
     async def write(self, data: Buffer) -> None:
         await self._wrapper._forward("write", (self.key,), lambda: self._inner.write(data))
+
+    async def write_borrowed(self, data: Buffer) -> None:
+        await self._wrapper._forward("write", (self.key,), lambda: self._inner.write_borrowed(data))
 
     async def commit(self) -> ObjectInfo:
         return await self._wrapper._forward("commit", (self.key,), self._inner.commit)

@@ -15,7 +15,7 @@ Two ways to break things:
 * rules: ``proxy.add_rule(predicate, action, times=None)``. The first rule whose
   predicate accepts a :class:`Request` (and has uses left) decides; matched requests
   get no random fault. Actions: :class:`Respond` (an S3 error), :class:`Reset`,
-  :class:`ForwardThenReset` (the request takes effect, the client never learns),
+  :class:`CutBody` (mid-upload), :class:`ForwardThenReset` (the request takes effect, the client never learns),
   :class:`Truncate`, :class:`Delay` and :class:`Hold` (block until the test
   releases it, then drop or forward). :attr:`FaultProxy.log` records every exchange.
 
@@ -43,6 +43,7 @@ from yarl import URL
 
 __all__ = [
     "ALL_KINDS",
+    "CutBody",
     "Delay",
     "FaultProxy",
     "ForwardThenReset",
@@ -100,6 +101,14 @@ class Respond:
 @dataclass(frozen=True)
 class Reset:
     """Close the connection without answering; nothing reaches the upstream."""
+
+
+@dataclass(frozen=True)
+class CutBody:
+    """Read the first ``after`` bytes of the request body, then close the connection:
+    the client is cut off mid-upload and nothing reaches the upstream."""
+
+    after: int
 
 
 @dataclass(frozen=True)
@@ -163,7 +172,7 @@ class Hold:
         return bool(self._decision)
 
 
-Action = Respond | Reset | ForwardThenReset | Truncate | Delay | Hold
+Action = Respond | Reset | CutBody | ForwardThenReset | Truncate | Delay | Hold
 
 
 @dataclass
@@ -351,10 +360,13 @@ class FaultProxy:
                 self._cond.notify_all()
 
     async def _handle_one(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
         path, _, query = request.raw_path.partition("?")
         req = Request(request.method, path, query, request.headers)
         rule = self._match(req)
+        if rule is not None and isinstance(rule.action, CutBody):
+            await request.content.read(rule.action.after)
+            return self._reset(request, req, "cut-body")
+        body = await request.read()
         action = rule.action if rule is not None else None
         fault = self._pick_fault(req.method) if rule is None else None
 
