@@ -225,7 +225,7 @@ class _GatheredWrites:
         if crc is None:
             crc = await asyncio.to_thread(codec.checksum, view) if size >= _THREAD_MIN else codec.checksum(view)
         self.crc = codec.checksum_combine(self.crc, crc, size)
-        await self._writer.write(view)
+        await self._writer.write_borrowed(view)  # the blobs' memory stays as it is until the shard is committed
         advance(size)
 
     async def flush(self) -> None:
@@ -233,7 +233,7 @@ class _GatheredWrites:
         if self._pending:
             pending, self._pending = self._pending, bytearray()
             self.crc = codec.checksum(pending, self.crc)
-            await self._writer.write(pending)
+            await self._writer.write_borrowed(pending)  # never changed again: the next pieces gather in a new one
             advance(len(pending))
 
 

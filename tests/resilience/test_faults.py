@@ -229,7 +229,7 @@ async def test_lost_responses_of_shard_writes(
     rules = {name: proxy.add_rule(predicate, ForwardThenReset(), times=1) for name, predicate in lost.items()}
     config = TransferConfig(part_size=5 * MiB, range_size=5 * MiB, max_attempts=4)
     url = f"s3://{s3_bucket}/lost-writes"
-    size = {"big_bytes": 8 * MiB}  # two parts: a rest of up to a quarter part joins the last one
+    size = {"big_bytes": 22 * MiB}  # past one PUT's 4 parts: 4 parts (a rest of up to a quarter part joins the last)
     async with MultiNodeCheckpointManager(url, storage_options=through(proxy, s3_options), config=config) as mgr:
         await mgr.init(list(NODES))
         fill(mgr, make_state(SEED, 1, **size))

@@ -112,10 +112,10 @@ async def test_part_buffers_of_a_four_node_save_in_flight_or_warm_never_pass_the
         for epoch in (1, 2):
             await upload_nodes(storage, budget, epoch, "run.0", encoded, max_nodes=4)
             assert budget.in_use == 0
-            assert 0 < budget.pooled <= budget.limit  # warm for the next save, and counted
+            assert budget.pooled <= budget.limit
         assert budget.most_held <= budget.limit
         assert budget.most_alive <= budget.limit
-        # buffers go from part to part and from save to save: never more were made
-        # than fit in the budget at once
-        assert budget.fresh <= config.max_bytes_in_flight // config.part_size
+        # the shards' arrays are lent to the writer and sent as they lie: no part buffer
+        # was made (copying writers are held to the budget in test_s3_transport.py)
+        assert budget.fresh == 0
     assert budget.pooled == 0  # closing the storage drops the warm buffers
