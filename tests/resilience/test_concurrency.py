@@ -213,10 +213,11 @@ NO_RETRY_CONFIG = TransferConfig(part_size=5 * MiB, range_size=5 * MiB, max_atte
 
 
 def big_state(tag: int) -> dict[str, dict[str, Any]]:
-    """One ~12 MiB node (three multipart parts / parallel ranges on S3) and two small ones."""
+    """One ~22 MiB node (past one PUT's 4 parts: four multipart parts / parallel ranges on
+    S3) and two small ones."""
     return {
         "big": {
-            "embedding": np.arange(3 * MiB, dtype=np.float32) + tag,  # 12 MiB
+            "embedding": np.arange(11 * MiB // 2, dtype=np.float32) + tag,  # 22 MiB
             "step": tag,
         },
         "small-0": {"w": np.full(100, tag, dtype=np.int32), "name": f"small-0@{tag}"},
@@ -298,8 +299,8 @@ async def maybe_s3_admin(location: Any) -> AsyncIterator[Any]:
 
 
 async def test_large_multipart_save_and_load_round_trip(location: Any) -> None:
-    """The precondition of the cancellation tests, without cancellation: the ~12 MiB node
-    goes up as a multipart upload (three parts) and comes back in parallel ranges, with
+    """The precondition of the cancellation tests, without cancellation: the ~22 MiB node
+    goes up as a multipart upload (four parts) and comes back in parallel ranges, with
     no warning (warnings are errors here)."""
     async with maybe_s3_admin(location) as admin, manager(location, config=NO_RETRY_CONFIG) as mgr:
         await mgr.init(big_state(3))

@@ -23,7 +23,7 @@ NODES = ("trainer_0", "trainer_1", "ps_0")
 
 def make_state(seed: int, epoch: int, big_bytes: int = 12 * MiB) -> dict[str, dict[str, Any]]:
     """Every node's blobs for ``epoch``: trainer_0 holds ``big_bytes`` of float32 (multipart
-    with 5 MiB parts), the others a mix of small arrays and plain values."""
+    with 5 MiB parts past 20 MiB, one PUT below), the others a mix of small arrays and plain values."""
     rng = np.random.default_rng([seed, epoch])
     return {
         "trainer_0": {
@@ -45,9 +45,9 @@ def make_state(seed: int, epoch: int, big_bytes: int = 12 * MiB) -> dict[str, di
 
 
 def crash_state(seed: int, epoch: int) -> dict[str, dict[str, Any]]:
-    """What the crash child saves: a small epoch 1, and a 12 MiB trainer_0 (three
-    multipart parts of 5 MiB) in every later epoch."""
-    return make_state(seed, epoch, big_bytes=12 * MiB if epoch > 1 else MiB // 2)
+    """What the crash child saves: a small epoch 1, and a 22 MiB trainer_0 in every later
+    epoch (past one PUT's 4 parts: a multipart upload of four 5 MiB+ parts)."""
+    return make_state(seed, epoch, big_bytes=22 * MiB if epoch > 1 else MiB // 2)
 
 
 def assert_state_equal(got: dict[str, Any], want: dict[str, Any], where: str = "") -> None:
