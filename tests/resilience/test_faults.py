@@ -128,7 +128,8 @@ async def test_large_upload_raises_no_resource_warning(s3_bucket: str, s3_option
 # ---------------------------------------------------------------------------- random faults
 
 
-@pytest.mark.parametrize(("retry_mode", "epochs", "big_mib"), [("standard", 3, 22), ("adaptive", 1, 6)])  # multipart, one PUT
+# a shard of 22 MiB goes up in 4 parts, one of 6 MiB in one PUT
+@pytest.mark.parametrize(("retry_mode", "epochs", "big_mib"), [("standard", 3, 22), ("adaptive", 1, 6)])
 async def test_saves_and_loads_survive_random_faults(
     retry_mode: str,
     epochs: int,
