@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
@@ -93,20 +94,14 @@ def main() -> None:
     if args.location:
         asyncio.run(run(args.location, None))
         return
-    from asyncckpt.testing.s3_server import ThreadedS3Server, create_bucket
+    from asyncckpt.testing.s3_server import embedded_bucket
 
-    try:
-        server = ThreadedS3Server().start()
-    except RuntimeError as exc:
-        parser.error(f"no location and no embedded S3 server ({exc})")
-    with server:
-
-        async def main_on_s3() -> None:
-            async with server.admin_client() as admin:
-                await create_bucket(admin, "asyncckpt-example")
-            await run("s3://asyncckpt-example/jax-loop", server.storage_options)
-
-        asyncio.run(main_on_s3())
+    with contextlib.ExitStack() as stack:
+        try:
+            options = stack.enter_context(embedded_bucket("asyncckpt-example"))
+        except RuntimeError as exc:
+            parser.error(f"no location and no embedded S3 server ({exc})")
+        asyncio.run(run("s3://asyncckpt-example/jax-loop", options))
 
 
 async def run(location: str, options: dict[str, Any] | None) -> None:

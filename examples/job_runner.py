@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
@@ -72,20 +73,14 @@ def main() -> None:
     if args.location:
         asyncio.run(run(args.location, None))
         return
-    from asyncckpt.testing.s3_server import ThreadedS3Server, create_bucket
+    from asyncckpt.testing.s3_server import embedded_bucket
 
-    try:
-        server = ThreadedS3Server().start()
-    except RuntimeError as exc:
-        parser.error(f"no location and no embedded S3 server ({exc})")
-    with server:
-
-        async def in_a_bucket() -> None:
-            async with server.admin_client() as admin:
-                await create_bucket(admin, "asyncckpt-example")
-            await run("s3://asyncckpt-example/job-runner", server.storage_options)
-
-        asyncio.run(in_a_bucket())
+    with contextlib.ExitStack() as stack:
+        try:
+            options = stack.enter_context(embedded_bucket("asyncckpt-example"))
+        except RuntimeError as exc:
+            parser.error(f"no location and no embedded S3 server ({exc})")
+        asyncio.run(run("s3://asyncckpt-example/job-runner", options))
 
 
 async def run(location: str, options: dict[str, Any] | None) -> None:

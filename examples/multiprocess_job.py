@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from asyncckpt import MiB, MultiNodeCheckpointManager, job_from_env, split_nodes
-from asyncckpt.testing.s3_server import ThreadedS3Server, create_bucket
+from asyncckpt.testing.s3_server import embedded_bucket
 
 
 def say(line: str) -> None:
@@ -112,19 +113,13 @@ def main() -> None:
         options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
         run_both(args, options)
         return
-    try:
-        server = ThreadedS3Server().start()  # moto in a thread of this process; workers use loopback
-    except RuntimeError as exc:
-        parser.error(f"no --url and no embedded S3 server ({exc})")
-    with server:
-        asyncio.run(create_example_bucket(server))
+    with contextlib.ExitStack() as stack:
+        try:  # moto in a thread of this process; workers use loopback
+            options = stack.enter_context(embedded_bucket("asyncckpt-example"))
+        except RuntimeError as exc:
+            parser.error(f"no --url and no embedded S3 server ({exc})")
         args.url = "s3://asyncckpt-example/multiprocess-job"
-        run_both(args, server.storage_options)
-
-
-async def create_example_bucket(server: ThreadedS3Server) -> None:
-    async with server.admin_client() as admin:
-        await create_bucket(admin, "asyncckpt-example")
+        run_both(args, options)
 
 
 def run_both(args: argparse.Namespace, options: dict[str, Any]) -> None:

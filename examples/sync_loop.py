@@ -12,7 +12,7 @@ epoch and must end with exactly the weights of a run that was never interrupted.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import sys
 from typing import Any
 
@@ -75,20 +75,14 @@ def main() -> None:
     if args.location:
         run(args.location, None)
         return
-    from asyncckpt.testing.s3_server import ThreadedS3Server, create_bucket
+    from asyncckpt.testing.s3_server import embedded_bucket
 
-    try:
-        server = ThreadedS3Server().start()
-    except RuntimeError as exc:
-        parser.error(f"no location and no embedded S3 server ({exc})")
-    with server:
-
-        async def create_example_bucket() -> None:
-            async with server.admin_client() as admin:
-                await create_bucket(admin, "asyncckpt-example")
-
-        asyncio.run(create_example_bucket())
-        run("s3://asyncckpt-example/sync-loop", server.storage_options)
+    with contextlib.ExitStack() as stack:
+        try:
+            options = stack.enter_context(embedded_bucket("asyncckpt-example"))
+        except RuntimeError as exc:
+            parser.error(f"no location and no embedded S3 server ({exc})")
+        run("s3://asyncckpt-example/sync-loop", options)
 
 
 def run(location: str, options: dict[str, Any] | None) -> None:

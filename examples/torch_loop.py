@@ -14,7 +14,7 @@ weights of a run that was never interrupted (dropout draws from the restored RNG
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import sys
 from typing import Any
 
@@ -91,20 +91,14 @@ def main() -> None:
     if args.location:
         run(args.location, None)
         return
-    from asyncckpt.testing.s3_server import ThreadedS3Server, create_bucket
+    from asyncckpt.testing.s3_server import embedded_bucket
 
-    try:
-        server = ThreadedS3Server().start()
-    except RuntimeError as exc:
-        parser.error(f"no location and no embedded S3 server ({exc})")
-    with server:
-
-        async def create_example_bucket() -> None:
-            async with server.admin_client() as admin:
-                await create_bucket(admin, "asyncckpt-example")
-
-        asyncio.run(create_example_bucket())
-        run("s3://asyncckpt-example/torch-loop", server.storage_options)
+    with contextlib.ExitStack() as stack:
+        try:
+            options = stack.enter_context(embedded_bucket("asyncckpt-example"))
+        except RuntimeError as exc:
+            parser.error(f"no location and no embedded S3 server ({exc})")
+        run("s3://asyncckpt-example/torch-loop", options)
 
 
 def run(location: str, options: dict[str, Any] | None) -> None:

@@ -22,6 +22,7 @@ Importing this module is cheap: moto, werkzeug and aioboto3 are imported when th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -55,6 +56,7 @@ __all__ = [
     "admin_client",
     "create_bucket",
     "delete_bucket",
+    "embedded_bucket",
     "empty_bucket",
     "new_bucket_name",
 ]
@@ -291,6 +293,21 @@ def _log_body_sizes(app: Callable[..., Iterable[bytes]], log: logging.Logger) ->
 
 
 # ---------------------------------------------------------------------- bucket administration
+
+
+@contextlib.contextmanager
+def embedded_bucket(bucket: str) -> Iterator[dict[str, str]]:
+    """``bucket`` on moto's S3 server in a thread of this process (127.0.0.1), for the
+    examples: yields the ``storage_options`` that reach it; the server stops at the end.
+    :class:`RuntimeError` when the server can not start or the bucket not be made."""
+    with ThreadedS3Server().start() as server:
+
+        async def create() -> None:
+            async with server.admin_client() as admin:
+                await create_bucket(admin, bucket)
+
+        asyncio.run(create())
+        yield server.storage_options
 
 
 def new_bucket_name(prefix: str = "test") -> str:
