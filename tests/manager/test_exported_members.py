@@ -77,6 +77,7 @@ TESTING_MODULES = {
         "admin_client",
         "create_bucket",
         "delete_bucket",
+        "embedded_bucket",
         "empty_bucket",
         "new_bucket_name",
     },
