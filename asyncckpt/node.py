@@ -276,7 +276,7 @@ class ShardReader:
     async def fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
-        buffer = arrays.host_memory(end - start)  # the decoded arrays are views into it
+        buffer = await asyncio.to_thread(arrays.host_memory, end - start)  # the decoded arrays are views into it
         await self.read_into(buffer, start)
         return buffer
 
