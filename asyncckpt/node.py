@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -277,22 +278,45 @@ class ShardReader:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
         buffer = arrays.host_memory(end - start)  # the decoded arrays are views into it
-        await self.read_into(buffer, start)
+        await self.read_scatter([buffer], start)
         return buffer
 
-    async def read_into(
-        self, buffer: memoryview, start: int, *, inflight: set[asyncio.Task[None]] | None = None
+    async def read_scatter(
+        self, views: Sequence[memoryview], start: int, *, inflight: set[asyncio.Task[None]] | None = None
     ) -> None:
-        """Fill ``buffer`` (a writable byte view: a fresh buffer, or a load's target
-        memory) with the shard's bytes from ``start`` on, in parallel ranges when large.
+        """Fill ``views`` (writable byte views: fresh buffers, or a load's target memory),
+        one after the other, with the shard's bytes from ``start`` on. The whole span is
+        read in parallel ranges of about ``config.range_size``, each one storage read of
+        the views (or parts of views) it covers: ``read_into`` where that is one view,
+        else ``read_scatter`` (one ranged GET on S3).
 
         With ``inflight``, each range is a task added to it that cancelling this call
         does not stop (a local read runs in a worker thread that nothing stops): the
-        caller waits for them before it touches ``buffer`` again."""
+        caller waits for them before it touches the views again."""
         key = self.record.shard
+        # bounds[i]: where views[i] starts in the shard; bounds[-1]: where the span ends
+        bounds = list(itertools.accumulate((view.nbytes for view in views), initial=start))
+        if bounds[-1] == start:
+            return
+
+        def covering(lo: int, hi: int) -> list[memoryview]:
+            """The views, cut to ``[lo, hi)``, that hold those bytes."""
+            parts = []
+            at = bisect.bisect_right(bounds, lo) - 1  # the last view starting at or before lo
+            while at < len(views) and bounds[at] < hi:
+                first, last = max(lo, bounds[at]) - bounds[at], min(hi, bounds[at + 1]) - bounds[at]
+                if last > first:
+                    parts.append(views[at][first:last])
+                at += 1
+            return parts
 
         async def piece(lo: int, hi: int) -> None:
-            read = self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            parts = covering(lo, hi)
+            read = (
+                self.storage.read_into(key, parts[0], lo)
+                if len(parts) == 1
+                else self.storage.read_scatter(key, parts, lo)
+            )
             if inflight is None:
                 await read
             else:
@@ -301,9 +325,8 @@ class ShardReader:
                 await asyncio.shield(task)
             advance(hi - lo)
 
-        end = start + buffer.nbytes
         try:
-            await run_all(piece(lo, hi) for lo, hi in split_range(start, end, self.config.range_size))
+            await run_all(piece(lo, hi) for lo, hi in split_range(start, bounds[-1], self.config.range_size))
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{self.where()}: shard object is missing") from None
         except ObjectTooShortError:
