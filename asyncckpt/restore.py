@@ -355,23 +355,28 @@ async def _read(reader: ShardReader, pieces: list[_Piece], guard: _Guard) -> Non
 
 
 async def _read_run(reader: ShardReader, run: list[_Piece], guard: _Guard) -> None:
-    """One run of :func:`_read`: its views in order, then one scatter read of them all."""
+    """One run of :func:`_read`: one scatter read whose views are the direct pieces'
+    targets and, between them, slices of the fresh buffer (one per stretch of other
+    pieces and gaps: a load into new memory reads a whole run into one view)."""
     start = pos = run[0].start
     fresh = run[-1].end - start - sum(piece.end - piece.start for piece in run if piece.direct is not None)
     buffer = arrays.host_memory(fresh)  # every byte of the run that is not a target's
     views: list[memoryview] = []
-    used = 0
+    used = viewed = 0  # bytes of the buffer given to pieces and gaps / to views
     for piece in run:
-        if piece.start > pos:  # a gap: read with its neighbours, then dropped
-            views.append(buffer[used : used + piece.start - pos])
-            used += piece.start - pos
-        if piece.direct is not None:
-            piece.data = piece.direct
-        else:
+        used += piece.start - pos  # a gap's bytes: read with their neighbours, then dropped
+        if piece.direct is None:
             piece.data = buffer[used : used + piece.end - piece.start]
             used += piece.end - piece.start
-        views.append(piece.data)
+        else:
+            if used > viewed:
+                views.append(buffer[viewed:used])
+                viewed = used
+            piece.data = piece.direct
+            views.append(piece.direct)
         pos = piece.end
+    if used > viewed:
+        views.append(buffer[viewed:used])
     await reader.read_scatter(views, start, inflight=guard.inflight)
 
 
