@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ from .manifest import EpochRef, NodeRecord, NodeStats, ObjectRef
 from .progress import advance
 from .storage import ByteBudget, ObjectWriter, Storage, collect_request_stats
 
-__all__ = ["PriorBlobs", "ShardReader", "ShardWriter", "coalesce_ranges"]
+__all__ = ["PriorBlobs", "ShardReader", "ShardWriter", "coalesce_ranges", "fresh_buffer"]
 
 _THREAD_MIN = 1 << 20  # buffers at least this big are checksummed off the event loop
 _GATHER_MIN = 64 << 10  # pieces smaller than this are gathered into one write...
@@ -253,6 +254,14 @@ def coalesce_ranges(ranges: Iterable[tuple[int, int]], max_gap: int = 0) -> list
     return merged
 
 
+async def fresh_buffer(nbytes: int) -> memoryview:
+    """:func:`arrays.host_memory`, populated in a worker thread when it is large (the
+    kernel's work of faulting its pages in, ~0.2 ms per MiB, stays off the loop)."""
+    if nbytes < _THREAD_MIN:
+        return arrays.host_memory(nbytes)
+    return await asyncio.to_thread(arrays.host_memory, nbytes)
+
+
 def split_range(start: int, end: int, step: int) -> list[tuple[int, int]]:
     """``[start, end)`` in pieces of at most ``step`` bytes, all about the same size (no
     tiny last piece)."""
@@ -276,23 +285,46 @@ class ShardReader:
     async def fetch(self, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` of the shard in a fresh writable buffer, fetched in
         parallel ranges when large."""
-        buffer = await asyncio.to_thread(arrays.host_memory, end - start)  # the decoded arrays are views into it
-        await self.read_into(buffer, start)
+        buffer = await fresh_buffer(end - start)  # the decoded arrays are views into it
+        await self.read_scatter([buffer], start)
         return buffer
 
-    async def read_into(
-        self, buffer: memoryview, start: int, *, inflight: set[asyncio.Task[None]] | None = None
+    async def read_scatter(
+        self, views: Sequence[memoryview], start: int, *, inflight: set[asyncio.Task[None]] | None = None
     ) -> None:
-        """Fill ``buffer`` (a writable byte view: a fresh buffer, or a load's target
-        memory) with the shard's bytes from ``start`` on, in parallel ranges when large.
+        """Fill ``views`` (writable byte views: fresh buffers, or a load's target memory),
+        one after the other, with the shard's bytes from ``start`` on. The whole span is
+        read in parallel ranges of about ``config.range_size``, each one storage read of
+        the views (or parts of views) it covers: ``read_into`` where that is one view,
+        else ``read_scatter`` (one ranged GET on S3).
 
         With ``inflight``, each range is a task added to it that cancelling this call
         does not stop (a local read runs in a worker thread that nothing stops): the
-        caller waits for them before it touches ``buffer`` again."""
+        caller waits for them before it touches the views again."""
         key = self.record.shard
+        # bounds[i]: where views[i] starts in the shard; bounds[-1]: where the span ends
+        bounds = list(itertools.accumulate((view.nbytes for view in views), initial=start))
+        if bounds[-1] == start:
+            return
+
+        def covering(lo: int, hi: int) -> list[memoryview]:
+            """The views, cut to ``[lo, hi)``, that hold those bytes."""
+            parts = []
+            at = bisect.bisect_right(bounds, lo) - 1  # the last view starting at or before lo
+            while at < len(views) and bounds[at] < hi:
+                first, last = max(lo, bounds[at]) - bounds[at], min(hi, bounds[at + 1]) - bounds[at]
+                if last > first:
+                    parts.append(views[at][first:last])
+                at += 1
+            return parts
 
         async def piece(lo: int, hi: int) -> None:
-            read = self.storage.read_into(key, buffer[lo - start : hi - start], lo)
+            parts = covering(lo, hi)
+            read = (
+                self.storage.read_into(key, parts[0], lo)
+                if len(parts) == 1
+                else self.storage.read_scatter(key, parts, lo)
+            )
             if inflight is None:
                 await read
             else:
@@ -301,9 +333,8 @@ class ShardReader:
                 await asyncio.shield(task)
             advance(hi - lo)
 
-        end = start + buffer.nbytes
         try:
-            await run_all(piece(lo, hi) for lo, hi in split_range(start, end, self.config.range_size))
+            await run_all(piece(lo, hi) for lo, hi in split_range(start, bounds[-1], self.config.range_size))
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{self.where()}: shard object is missing") from None
         except ObjectTooShortError:

@@ -25,7 +25,6 @@ settings (an optimizer's ``lr``) it took may stay.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
 import io
 import logging
@@ -42,7 +41,7 @@ from .codec import BlobEntry, LeafEntry
 from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from .manifest import EpochIndex, NodeStats
-from .node import ShardReader
+from .node import ShardReader, fresh_buffer
 from .storage import Storage
 from .transfer import plan_partial_load, read_nodes
 
@@ -318,7 +317,7 @@ def _pieces(entries: Mapping[str, BlobEntry], targets: Mapping[tuple[str, int], 
         if piece.writes_target and piece.spec is not None:
             view = arrays.host_target(piece.target, *_array_spec(piece.spec))
             stored = view.T if view is not None and piece.spec.order == "F" else view
-            if stored is not None and stored.flags.c_contiguous and stored.size:
+            if stored is not None and stored.flags.c_contiguous and stored.nbytes == piece.end - piece.start > 0:
                 piece.direct = stored.reshape(-1).view(np.uint8).data
     return pieces
 
@@ -340,26 +339,45 @@ def _framed(pieces: list[_Piece], shard_size: int, where: str) -> list[_Piece]:
 
 
 async def _read(reader: ShardReader, pieces: list[_Piece], guard: _Guard) -> None:
-    """Every piece's bytes: straight into its target, or in fetched runs of adjacent pieces."""
-    runs: list[tuple[int, int]] = []
+    """Every piece's bytes (``pieces``: of one object, in its order), one scatter read per
+    run of pieces that lie at most ``config.coalesce_gap`` bytes apart: a direct piece is
+    read straight into its target's memory, the others (and the bytes between pieces, read
+    and dropped) into one fresh buffer per run."""
+    runs: list[list[_Piece]] = []
     for piece in pieces:
-        if piece.direct is None and piece.end > piece.start:
-            if runs and runs[-1][1] == piece.start:
-                runs[-1] = (runs[-1][0], piece.end)
-            else:
-                runs.append((piece.start, piece.end))
-    direct = [piece for piece in pieces if piece.direct is not None]
-    buffers = await run_all([reader.fetch(lo, hi) for lo, hi in runs])  # nothing of a target
-    await run_all(reader.read_into(p.direct, p.start, inflight=guard.inflight) for p in direct if p.direct is not None)
-    starts = [lo for lo, _ in runs]
-    for piece in pieces:
-        if piece.direct is not None:
-            piece.data = piece.direct
-        elif piece.end == piece.start:
+        if piece.end == piece.start:
             piece.data = memoryview(b"")
+        elif runs and 0 <= piece.start - runs[-1][-1].end <= reader.config.coalesce_gap:
+            runs[-1].append(piece)
         else:
-            at = bisect.bisect_right(starts, piece.start) - 1
-            piece.data = buffers[at][piece.start - starts[at] : piece.end - starts[at]]
+            runs.append([piece])
+    await run_all(_read_run(reader, run, guard) for run in runs)
+
+
+async def _read_run(reader: ShardReader, run: list[_Piece], guard: _Guard) -> None:
+    """One run of :func:`_read`: one scatter read whose views are the direct pieces'
+    targets and, between them, slices of the fresh buffer (one per stretch of other
+    pieces and gaps: a load into new memory reads a whole run into one view)."""
+    start = pos = run[0].start
+    fresh = run[-1].end - start - sum(piece.end - piece.start for piece in run if piece.direct is not None)
+    buffer = await fresh_buffer(fresh)  # every byte of the run that is not a target's
+    views: list[memoryview] = []
+    used = viewed = 0  # bytes of the buffer given to pieces and gaps / to views
+    for piece in run:
+        used += piece.start - pos  # a gap's bytes: read with their neighbours, then dropped
+        if piece.direct is None:
+            piece.data = buffer[used : used + piece.end - piece.start]
+            used += piece.end - piece.start
+        else:
+            if used > viewed:
+                views.append(buffer[viewed:used])
+                viewed = used
+            piece.data = piece.direct
+            views.append(piece.direct)
+        pos = piece.end
+    if used > viewed:
+        views.append(buffer[viewed:used])
+    await reader.read_scatter(views, start, inflight=guard.inflight)
 
 
 def _finish(

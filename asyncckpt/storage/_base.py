@@ -5,10 +5,11 @@ named in-memory store); keys are relative, ``/``-separated paths below that root
 
 Contract shared by every backend (checked by :mod:`asyncckpt.testing.storage_suite`):
 
-* ``get``/``get_range``/``read_into`` of a missing key raise :class:`CheckpointNotFoundError`;
+* ``get``/``get_range``/``read_into``/``read_scatter`` of a missing key raise
+  :class:`CheckpointNotFoundError` (a read of zero bytes too);
   ``head`` of a missing key returns ``None``; ``delete`` of a missing key is a no-op.
-* ``get_range``/``read_into`` of bytes past the end of an existing object raise
-  :class:`ObjectTooShortError` (whether that means a corrupted checkpoint is not
+* ``get_range``/``read_into``/``read_scatter`` of bytes past the end of an existing object
+  raise :class:`ObjectTooShortError` (whether that means a corrupted checkpoint is not
   storage's to say).
 * ``put(..., create_only=True)`` never replaces an existing object: it raises
   :class:`CheckpointConflictError` instead, atomically (two racing creators: one wins).
@@ -31,7 +32,7 @@ import contextvars
 import mmap
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -378,6 +379,24 @@ class Storage(ABC):
                 key=key,
             )
         buffer[:] = data
+
+    async def read_scatter(self, key: str, views: Sequence[memoryview], start: int = 0) -> None:
+        """Fill ``views`` (writable, contiguous byte views), one after the other, with
+        the object's bytes from ``start`` on, as ``preadv`` does: the first view gets
+        bytes ``[start, start + len(views[0]))``, the next the bytes after those.
+
+        Raises :class:`ObjectTooShortError` when the object ends before the last view is
+        full; views of zero bytes are allowed anywhere, and when every view is empty the
+        object is only checked to exist (as :meth:`read_into` of an empty buffer does).
+        Override it to read the whole span with one request (S3: one ranged GET); this
+        default makes one :meth:`read_into` per non-empty view.
+        """
+        filled = [view for view in views if view.nbytes]
+        if not filled:
+            await self.read_into(key, memoryview(bytearray(0)), start)
+        for view in filled:
+            await self.read_into(key, view, start)
+            start += view.nbytes
 
     @abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import errno
+import itertools
 import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["LocalStorage"]
 
 _TMP_SUFFIX = ".asyncckpt-tmp"
+_IOV_MAX = 1024  # the most buffers one preadv takes (Linux's and macOS's IOV_MAX)
+_HAS_PREADV = hasattr(os, "preadv")
 
 
 def _translate(exc: OSError, url: str, key: str | None, *, writing: bool = False) -> CheckpointError:
@@ -92,17 +96,33 @@ class LocalStorage(Storage):
         return bytes(buffer)
 
     async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
+        await self.read_scatter(key, (buffer,), start)
+
+    async def read_scatter(self, key: str, views: Sequence[memoryview], start: int = 0) -> None:
+        """``os.preadv`` into ``views`` in a worker thread, repeated after a short read
+        from the byte it stopped at (cancelling the caller does not stop the thread)."""
         path = self._path(key)
+        wanted = [view for view in views if view.nbytes]
+        size = sum(view.nbytes for view in wanted)
 
         def read() -> int:
-            with open(path, "rb") as f:
-                f.seek(start)
+            with open(path, "rb", buffering=0) as f:  # (open, not os.open: a directory is refused here)
+                pending = collections.deque(wanted)
                 got = 0
-                while got < buffer.nbytes:
-                    n = f.readinto(buffer[got:])
+                while pending:
+                    if _HAS_PREADV:
+                        n = os.preadv(f.fileno(), list(itertools.islice(pending, _IOV_MAX)), start + got)
+                    else:  # (Windows) one view at a time
+                        f.seek(start + got)
+                        n = f.readinto(pending[0])
                     if not n:
-                        break
+                        break  # the end of the file
                     got += n
+                    while n:  # drop what is full, trim what is partly
+                        if n >= pending[0].nbytes:
+                            n -= pending.popleft().nbytes
+                        else:
+                            pending[0], n = pending[0][n:], 0
                 return got
 
         try:
@@ -111,10 +131,9 @@ class LocalStorage(Storage):
             record_request()
             raise _translate(exc, self.url_of(key), key) from None
         record_request(received=got)
-        if got != buffer.nbytes:
+        if got != size:
             raise ObjectTooShortError(
-                f"{self.url_of(key)}: object ends before byte {start + buffer.nbytes} (range {start}-"
-                f"{start + buffer.nbytes})",
+                f"{self.url_of(key)}: object ends before byte {start + size} (range {start}-{start + size})",
                 key=key,
             )
 

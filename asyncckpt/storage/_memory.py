@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 from ..errors import CheckpointConflictError, CheckpointNotFoundError, ObjectTooShortError, StorageError
 from ._base import (
@@ -86,6 +86,24 @@ class MemoryStorage(Storage):
             )
         record_request(received=end - start)
         return data[start:end]
+
+    async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
+        await self.read_scatter(key, (buffer,), start)
+
+    async def read_scatter(self, key: str, views: Sequence[memoryview], start: int = 0) -> None:
+        data = self._lookup(key)
+        end = start + sum(view.nbytes for view in views)
+        if start < 0:
+            raise ValueError(f"invalid byte offset {start} of {self.url_of(key)}")
+        if end > len(data) and end > start:
+            raise ObjectTooShortError(
+                f"{self.url_of(key)}: object of {len(data)} bytes ends before byte {end}", key=key
+            )
+        record_request(received=end - start)
+        source = memoryview(data)
+        for view in views:
+            view[:] = source[start : start + view.nbytes]
+            start += view.nbytes
 
     async def head(self, key: str) -> ObjectInfo | None:
         with self._store.lock:

@@ -18,7 +18,7 @@ import builtins
 import contextlib
 import re
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
@@ -309,16 +309,23 @@ class S3Storage(Storage):
         return bytes(buffer)
 
     async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
-        if buffer.nbytes:
-            await self._ranged_read(key, start, start + buffer.nbytes, buffer)
+        await self.read_scatter(key, (buffer,), start)
+
+    async def read_scatter(self, key: str, views: Sequence[memoryview], start: int = 0) -> None:
+        """One ranged GET whose body is copied into ``views`` in order, chunk by chunk (a
+        chunk may straddle views)."""
+        into = _Scatter(views)
+        if into.size:
+            await self._ranged_read(key, start, start + into.size, into)
         elif await self.head(key) is None:  # S3 has no empty range: ask whether it exists
             raise CheckpointNotFoundError(f"{self.url_of(key)} does not exist")
 
-    async def _ranged_read(self, key: str, start: int, end: int | None, buffer: memoryview | None) -> bytes | None:
-        """GET ``[start, end)`` into ``buffer`` (or into new bytes when ``end`` is None).
+    async def _ranged_read(self, key: str, start: int, end: int | None, into: _Scatter | None) -> bytes | None:
+        """GET ``[start, end)`` into ``into`` (or into new bytes when ``end`` is None).
 
         A body that breaks off mid-stream is re-requested from where it stopped, up to
-        ``max_attempts`` times; the status-level retries are botocore's.
+        ``max_attempts`` times (``into`` goes on from the byte it got to); the
+        status-level retries are botocore's.
         """
         full_key = self._key(key)
         url = self.url_of(key)
@@ -336,18 +343,14 @@ class S3Storage(Storage):
                 received = 0
                 try:
                     async for chunk in _body_chunks(body):
-                        n = len(chunk)
-                        if buffer is not None:
-                            offset = pos - start
-                            if offset + n > buffer.nbytes:
-                                raise StorageError(
-                                    f"{url}: server sent more bytes than requested", key=key, code="BadRange"
-                                )
-                            buffer[offset : offset + n] = chunk
-                        else:
+                        if into is None:
                             chunks.append(chunk)
-                        pos += n
-                        received += n
+                        elif not into.write(chunk):
+                            raise StorageError(
+                                f"{url}: server sent more bytes than requested", key=key, code="BadRange"
+                            )
+                        pos += len(chunk)
+                        received += len(chunk)
                     error: BaseException | None = None
                 except asyncio.CancelledError:
                     body.close()
@@ -365,7 +368,7 @@ class S3Storage(Storage):
                     raise short  # a complete response: the object is shorter, retrying cannot help
                 error = short
             if error is None:
-                return b"".join(chunks) if buffer is None else None
+                return b"".join(chunks) if into is None else None
             attempts += 1
             if attempts >= self.config.max_attempts:
                 if isinstance(error, CheckpointError):
@@ -497,6 +500,36 @@ def _aiohttp_stream(body: Any) -> Any | None:
     """
     content = getattr(getattr(body, "__wrapped__", None), "content", None)
     return content if content is not None and hasattr(content, "readchunk") else None
+
+
+class _Scatter:
+    """Where the bytes of a ranged GET go: ``views`` in order (empty ones skipped), each
+    chunk copied at the position the previous one ended (a chunk may straddle views)."""
+
+    def __init__(self, views: Sequence[memoryview]):
+        self._views = [view for view in views if view.nbytes]
+        self.size = sum(view.nbytes for view in self._views)
+        self.written = 0
+        self._at = 0  # the view the next byte goes to
+        self._offset = 0  # ... and where in it
+
+    def write(self, chunk: bytes) -> bool:
+        """Copy ``chunk`` in after the bytes written so far; False (nothing copied) when
+        it does not fit in what is left."""
+        data = memoryview(chunk)
+        if data.nbytes > self.size - self.written:
+            return False
+        self.written += data.nbytes
+        while data.nbytes:
+            view = self._views[self._at]
+            n = min(view.nbytes - self._offset, data.nbytes)
+            view[self._offset : self._offset + n] = data[:n]
+            data = data[n:]
+            self._offset += n
+            if self._offset == view.nbytes:
+                self._at += 1
+                self._offset = 0
+        return True
 
 
 async def _body_chunks(body: Any) -> AsyncIterator[bytes]:

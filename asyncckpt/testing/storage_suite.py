@@ -238,6 +238,60 @@ class StorageConformance(WriterConformance):
             await storage.get_range("obj", 0, len(data) + 1)
         assert await storage.get_range("obj", 0, len(data)) == data  # the object itself is intact
 
+    async def test_read_scatter_fills_the_views_in_order(self, storage: Storage) -> None:
+        data = payload(1000, seed=17)
+        await storage.put("obj", data)
+        target = bytearray(b"\xee" * 300)
+        whole = memoryview(target)
+        views = [whole[200:210], whole[0:0], whole[0:100], whole[150:151], whole[100:150]]  # not in memory order
+        await storage.read_scatter("obj", views, 7)
+        assert target[200:210] == data[7:17]
+        assert target[0:100] == data[17:117]
+        assert target[150:151] == data[117:118]
+        assert target[100:150] == data[118:168]
+        assert target[151:200] == b"\xee" * 49  # the bytes between the views are untouched
+        assert target[210:] == b"\xee" * 90
+
+    async def test_read_scatter_views_straddle_the_chunks_of_a_large_read(self, storage: Storage) -> None:
+        data = payload(3 * MiB + 17, seed=18)
+        await storage.put("obj", data)
+        sizes = [1, 64 * 1024 - 1, 0, 64 * 1024 + 1, MiB + 3, 0, 7, 4096 * 3 + 5]
+        start = 5
+        sizes.append(len(data) - start - sum(sizes))  # the last view ends where the object does
+        buffers = [bytearray(size) for size in sizes]
+        await storage.read_scatter("obj", [memoryview(b) for b in buffers], start)
+        assert b"".join(buffers) == data[start:]
+
+    async def test_read_scatter_from_an_offset_in_the_middle(self, storage: Storage) -> None:
+        data = payload(3 * MiB, seed=19)
+        await storage.put("obj", data)
+        first, second = bytearray(2 * MiB - 100), bytearray(50)
+        await storage.read_scatter("obj", [memoryview(first), memoryview(second)], MiB + 1)
+        assert first == data[MiB + 1 : 3 * MiB - 99]
+        assert second == data[3 * MiB - 99 : 3 * MiB - 49]
+
+    async def test_read_scatter_of_no_bytes_only_checks_that_the_object_exists(self, storage: Storage) -> None:
+        await storage.put("obj", b"0123456789")
+        await storage.read_scatter("obj", [])
+        await storage.read_scatter("obj", [memoryview(bytearray(0))] * 2, 4)
+        for views in ([], [memoryview(bytearray(0))]):
+            with pytest.raises(CheckpointNotFoundError):
+                await storage.read_scatter("missing", views)
+
+    async def test_read_scatter_of_missing_key_raises_not_found(self, storage: Storage) -> None:
+        buffers = [bytearray(10), bytearray(20)]
+        with pytest.raises(CheckpointNotFoundError):
+            await storage.read_scatter("missing", [memoryview(b) for b in buffers], 0)
+        assert buffers == [bytearray(10), bytearray(20)]
+
+    @pytest.mark.parametrize("start", [0, 4, 8, 10, 11])
+    async def test_read_scatter_past_the_end_raises_object_too_short(self, storage: Storage, start: int) -> None:
+        await storage.put("obj", b"0123456789")
+        views = [memoryview(bytearray(4)), memoryview(bytearray(0)), memoryview(bytearray(3)), memoryview(bytearray(4))]
+        with pytest.raises(ObjectTooShortError) as info:
+            await storage.read_scatter("obj", views, start)
+        assert info.value.key == "obj"
+
     # -- listing ---------------------------------------------------------------------------
 
     async def test_empty_root_lists_nothing(self, storage: Storage) -> None:
@@ -320,6 +374,7 @@ class StorageConformance(WriterConformance):
             lambda: storage.get(key),
             lambda: storage.get_range(key, 0, 1),
             lambda: storage.read_into(key, memoryview(bytearray(1))),
+            lambda: storage.read_scatter(key, [memoryview(bytearray(1))]),
             lambda: storage.head(key),
             lambda: storage.exists(key),
             lambda: storage.put(key, b"x"),

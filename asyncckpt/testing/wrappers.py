@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
 
@@ -42,6 +42,7 @@ OPERATIONS = frozenset(
         "get",
         "get_range",
         "read_into",
+        "read_scatter",
         "head",
         "exists",
         "list",
@@ -110,6 +111,9 @@ class StorageWrapper(Storage):
 
     async def read_into(self, key: str, buffer: memoryview, start: int = 0) -> None:
         await self._forward("read_into", (key,), lambda: self.inner.read_into(key, buffer, start))
+
+    async def read_scatter(self, key: str, views: Sequence[memoryview], start: int = 0) -> None:
+        await self._forward("read_scatter", (key,), lambda: self.inner.read_scatter(key, views, start))
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await self._forward("head", (key,), lambda: self.inner.head(key))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asyncckpt import MultiNodeCheckpointManager
+from asyncckpt import MultiNodeCheckpointManager, TransferConfig
 from asyncckpt.storage import drop_memory_store
 from tests.support.locations import RawStorages, manager
 from tests.support.workspaces import TWO_NODES
@@ -108,3 +108,28 @@ async def test_load_blobs_locally_refuses_a_single_string_of_names() -> None:
         with pytest.raises(TypeError, match="sequence of blob names"):
             await mgr.load_blobs_locally(["trainer_0"], "total", 1, {})
     drop_memory_store("names")
+
+
+@pytest.mark.parametrize(("coalesce_gap", "data_reads"), [(TransferConfig().coalesce_gap, 1), (0, 2)])
+async def test_partial_load_reads_wanted_blobs_close_together_with_one_request(
+    location: Any, raw_storages: RawStorages, coalesce_gap: int, data_reads: int
+) -> None:
+    """Two wanted blobs with an unwanted one of 256 KiB between them: one read over all
+    three (the gap's bytes dropped) while the gap is at most ``coalesce_gap``, else one each."""
+    workspace = {"a": np.arange(1000.0), "b": np.zeros(32 * 1024), "c": np.arange(3000, dtype=np.int32)}
+    async with manager(location) as writer:
+        await writer.init({"trainer_0": workspace})
+        await writer.save(1)
+    blobs = (await raw_storages.read_manifest(location, 1))["nodes"]["trainer_0"]["blobs"]
+    assert blobs["a"]["offset"] < blobs["b"]["offset"] < blobs["c"]["offset"]  # b lies between a and c
+
+    session: dict[str, Any] = {"c": np.zeros(3000, dtype=np.int32)}
+    target = session["c"]
+    async with manager(location, config=TransferConfig(coalesce_gap=coalesce_gap)) as mgr:
+        assert await mgr.load_blobs_locally(["trainer_0"], ["a", "c"], 1, session)
+        report = await mgr.report_checkpoint_stats("checkpoint_partial_load")
+    np.testing.assert_array_equal(session["a"], workspace["a"])
+    np.testing.assert_array_equal(session["c"], workspace["c"])
+    assert session["c"] is target  # loaded in place
+    assert "b" not in session
+    assert report["nodes"]["trainer_0"]["requests"] == data_reads  # (the size and blob index are read before)

@@ -258,3 +258,39 @@ async def test_nodes_with_the_longest_allowed_names_save_and_load_in_one_process
             await reader.init(fresh)
             await reader.load(epoch)
         assert snapshot(fresh) == saved, epoch
+
+
+async def test_an_in_place_load_reads_each_shard_s_data_with_one_request(location: Any) -> None:
+    """Workspaces holding arrays of the saved shapes get the bytes in those arrays, and one
+    scatter read per node fills all of them (one ranged GET on S3): a node's requests are
+    a HEAD (the shard's size), a read of its blob index and one of its data."""
+    rng = np.random.default_rng(5)
+    workspaces: dict[str, dict[str, Any]] = {
+        f"trainer_{n}": {
+            **{
+                f"w{i}": rng.standard_normal(1000 * (i + 1)).astype(np.float64 if i % 2 else np.float32)
+                for i in range(8)
+            },
+            "step": n,
+        }
+        for n in range(4)
+    }
+    saved = {node: {key: np.copy(value) for key, value in ws.items()} for node, ws in workspaces.items()}
+    targets = {node: dict(ws) for node, ws in workspaces.items()}
+    async with manager(location) as mgr:
+        await mgr.init(workspaces)
+        await mgr.save(1)
+        for ws in workspaces.values():
+            for value in ws.values():
+                if isinstance(value, np.ndarray):
+                    value[...] = -1
+            ws["step"] = -1
+        await mgr.load(1)
+        report = await mgr.report_checkpoint_stats("checkpoint_load")
+    for node, ws in workspaces.items():
+        for key, value in ws.items():
+            np.testing.assert_array_equal(value, saved[node][key], err_msg=f"{node}/{key}")
+            if key != "step":
+                assert value is targets[node][key], f"{node}/{key} was replaced, not loaded into"
+    data_reads = {node: stats["requests"] - 2 for node, stats in report["nodes"].items()}
+    assert data_reads == dict.fromkeys(workspaces, 1)

@@ -5,6 +5,7 @@ nothing, on S3, a directory and memory."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -255,18 +256,30 @@ async def test_load_of_a_missing_shard_leaves_every_tensor_unchanged(location: A
     assert now(ws) == before
 
 
-@pytest.mark.parametrize("skip", [0, 3, 6], ids=["first-read", "fourth-read", "seventh-read"])
-async def test_storage_failing_mid_load_leaves_every_tensor_unchanged(location: Any, skip: int) -> None:
+@pytest.mark.parametrize(
+    ("op", "skip", "after", "range_size"),
+    [
+        ("read_into", 0, False, None),  # the blob index: before any tensor is written
+        ("read_scatter", 0, True, None),  # the shard's one data read, failing once it filled every tensor
+        ("read_scatter", 0, False, 8 << 10),  # the first of several ranges read in parallel
+        ("read_scatter", 3, True, 8 << 10),  # the fourth, once it filled its tensors
+    ],
+    ids=["index-read", "whole-scatter-read-after-writing", "first-range", "fourth-range-after-writing"],
+)
+async def test_storage_failing_mid_load_leaves_every_tensor_unchanged(
+    location: Any, op: str, skip: int, after: bool, range_size: int | None
+) -> None:
     mgr, ws, before = await _saved_and_trained_on(location)
     async with mgr:
         pass
+    config = mgr.config if range_size is None else dataclasses.replace(mgr.config, range_size=range_size)
     async with storage_for(location.url, options=location.options) as inner:
         index = await read_index(inner, await read_manifest(inner, 1))
         faulty = FaultyStorage(inner)
-        rule = faulty.fail_on(lambda op, key: op == "read_into", StorageError, skip=skip)
+        rule = faulty.fail_on(lambda o, key: o == op, StorageError, skip=skip, times=1, after=after)
         with pytest.raises(CheckpointError):
-            await restore_workspaces(faulty, mgr.config, index, {NODE: ws})
-        assert rule.hits >= 1
+            await restore_workspaces(faulty, config, index, {NODE: ws})
+        assert rule.hits == 1
     assert now(ws) == before
 
 

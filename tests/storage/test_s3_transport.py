@@ -14,7 +14,7 @@ from asyncckpt.storage import ByteBudget, ObjectInfo, S3Storage, collect_request
 from asyncckpt.storage._s3_upload import BufferBody, single_put_max
 from asyncckpt.testing.s3_server import REGION, admin_client, delete_bucket, new_bucket_name
 from asyncckpt.testing.storage_suite import payload
-from tests.support.faultproxy import CutBody, FaultProxy
+from tests.support.faultproxy import CutBody, FaultProxy, Truncate
 
 #: The smallest legal parts, so that a one-PUT object and a multipart one stay small.
 PARTS = TransferConfig(part_size=5 * MiB, max_bytes_in_flight=20 * MiB, max_attempts=3)
@@ -174,3 +174,32 @@ class WatchedBudget(ByteBudget):
         buf = await super().lease(size)
         self.most_leased = max(self.most_leased, self.in_use)
         return buf
+
+
+async def test_a_scatter_read_is_one_ranged_get(s3: S3Storage) -> None:
+    data = payload(3 * MiB, seed=6)
+    await s3.put("scatter", data)
+    buffers = [bytearray(size) for size in (100, 0, MiB + 1, 7, MiB)]
+    with collect_request_stats() as stats:
+        await s3.read_scatter("scatter", [memoryview(b) for b in buffers], 10)
+    assert (stats.requests, stats.bytes_received) == (1, sum(map(len, buffers)))
+    assert b"".join(buffers) == data[10 : 10 + sum(map(len, buffers))]
+
+
+async def test_a_scatter_read_cut_mid_body_goes_on_into_the_right_view(s3_endpoint: str, s3_bucket: str) -> None:
+    data = payload(2 * MiB + 333, seed=7)
+    options = {"endpoint_url": "", "region_name": REGION, "addressing_style": "path"}
+    sizes = [1, 1000, 0, 64 * 1024 + 3, MiB - 5, 12345]
+    sizes.append(len(data) - 2 - sum(sizes))
+    with FaultProxy(s3_endpoint, seed=11) as proxy:
+        options["endpoint_url"] = proxy.url
+        async with S3Storage(s3_bucket, "p", options=options, config=PARTS) as storage:
+            await storage.put("cut", data)
+            for _ in range(5):  # five cuts, each at another byte: a resume into each kind of place
+                proxy.add_rule(lambda r: r.method == "GET", Truncate(), times=1)
+                buffers = [bytearray(size) for size in sizes]
+                with collect_request_stats() as stats:
+                    await storage.read_scatter("cut", [memoryview(b) for b in buffers], 2)
+                assert (stats.requests, stats.retries) == (2, 1)  # the cut one, and the rest
+                assert b"".join(buffers) == data[2:]
+        assert [e.outcome for e in proxy.log].count("truncate") == 5

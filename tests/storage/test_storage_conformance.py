@@ -19,6 +19,7 @@ from asyncckpt.storage import (
     MemoryStorage,
     PendingUpload,
     S3Storage,
+    Storage,
     drop_memory_store,
 )
 from asyncckpt.storage._s3 import _aiohttp_stream
@@ -43,6 +44,27 @@ class TestMemoryStorage(StorageConformance):
                 for key in NEIGHBOURS:
                     await whole_store.put(key, b"must never be listed")
             async with MemoryStorage(name, "some/prefix") as storage:
+                yield storage
+        finally:
+            drop_memory_store(name)
+
+
+class _OnlyGetRange(MemoryStorage):
+    """A backend that reads only through ``get_range``: ``read_into`` and
+    ``read_scatter`` are the protocol's defaults."""
+
+    read_into = Storage.read_into
+    read_scatter = Storage.read_scatter
+
+
+class TestDefaultReads(StorageConformance):
+    """The protocol's default ``read_into``/``read_scatter`` keep a custom backend conforming."""
+
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[MemoryStorage]:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        try:
+            async with _OnlyGetRange(name, "some/prefix") as storage:
                 yield storage
         finally:
             drop_memory_store(name)
