@@ -20,7 +20,7 @@ from .. import codec
 from .._tasks import run_all
 from ..config import TransferConfig
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError, ObjectTooShortError
-from ..node import split_range
+from ..node import fresh_buffer, split_range
 from ._format import METADATA_KEY, StoredItem, decode_metadata, narrow, tensor_from
 from ._plugin import LocatedPlugin, Location, is_location
 from ._session import StorageSession
@@ -178,14 +178,16 @@ async def _read_items(
     await run_all((read(batch) for batch in batches), config.max_concurrency)
 
 
-async def _fetch(session: StorageSession, batch: _Batch, range_size: int) -> bytearray:
-    """The batch's bytes in a fresh writable buffer (large ones in parallel pieces)."""
+async def _fetch(session: StorageSession, batch: _Batch, range_size: int) -> memoryview:
+    """The batch's bytes in a fresh writable buffer (large ones in parallel pieces; its
+    pages faulted in off the loop, not zero-filled on it)."""
     storage = session.storage
-    buffer = bytearray(batch.end - batch.start)
-    view = memoryview(buffer)
+    buffer = await fresh_buffer(batch.end - batch.start)
     pieces = split_range(batch.start, batch.end, range_size)
     try:
-        await run_all(storage.read_into(batch.key, view[lo - batch.start : hi - batch.start], lo) for lo, hi in pieces)
+        await run_all(
+            storage.read_into(batch.key, buffer[lo - batch.start : hi - batch.start], lo) for lo, hi in pieces
+        )
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(f"{storage.url_of(batch.key)}: data object is missing") from None
     except ObjectTooShortError:
@@ -196,11 +198,10 @@ async def _fetch(session: StorageSession, batch: _Batch, range_size: int) -> byt
 
 
 def _deliver(
-    where: str, buffer: bytearray, batch: _Batch, planner: dcp_planner.LoadPlanner, lock: threading.Lock
+    where: str, view: memoryview, batch: _Batch, planner: dcp_planner.LoadPlanner, lock: threading.Lock
 ) -> None:
     """Check every item of ``batch`` against its CRC32C, then hand each request to the
     planner (CPU work, in a worker thread)."""
-    view = memoryview(buffer)
     checked: set[StoredItem] = set()
     for request, item in batch.requests:
         at = item.offset - batch.start
@@ -219,7 +220,7 @@ def _deliver(
             raise CheckpointCorruptedError(
                 f"{where}, item {request.storage_index.fqn!r}: stored as bytes, not a tensor"
             )
-        stored = narrow(tensor_from(buffer, at, item), request.storage_offsets, request.lengths)
+        stored = narrow(tensor_from(view, at, item), request.storage_offsets, request.lengths)
         with lock:
             target = planner.resolve_tensor(request).detach()
         if target.size() != stored.size():
