@@ -163,7 +163,10 @@ class LocalStorage(Storage):
                 full = Path(dirpath, name)
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    st = full.stat()
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue  # deleted since the walk saw it (a concurrent delete or gc): not listed
                     out.append(ObjectInfo(key, st.st_size, st.st_mtime))
         out.sort(key=lambda info: info.key)
         return out

@@ -94,6 +94,13 @@ class TestLocalStorage(StorageConformance):
             await writer.write(b"forgotten")
         assert [p.name for p in storage.root.rglob("*") if p.is_file()] == []
 
+    async def test_list_skips_a_file_gone_between_the_walk_and_its_stat(self, storage: LocalStorage) -> None:
+        # a dangling link is what a file deleted by a concurrent gc looks like to the
+        # walk: named in its directory, gone when stat'ed; a listing must not fail on it
+        await storage.put("epochs/1/kept", b"kept")
+        (storage.root / "epochs" / "1" / "gone").symlink_to(storage.root / "nowhere")
+        assert [info.key for info in [i async for i in storage.list("epochs/")]] == ["epochs/1/kept"]
+
     async def test_check_root_fails_when_the_root_is_a_file(self, tmp_path: Path) -> None:
         (tmp_path / "file").write_bytes(b"")
         async with LocalStorage(tmp_path / "file" / "ckpt") as storage:
